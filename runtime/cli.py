@@ -1,0 +1,152 @@
+"""The `sdaot` command line: list models, samplers and presets; generate images; compile; serve; bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import InvalidRequestError, SdaotError
+from .registry import all_models
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class SdaotGroup(click.Group):
+    """Turns sdaot's own errors into a one-line message and exit status 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SdaotError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=SdaotGroup)
+def main() -> None:
+    """sdaot: ahead-of-time compiled Stable Diffusion with a PyTorch fallback, served over HTTP."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models(as_json: bool) -> None:
+    """List the model names sdaot serves, with family, native size and defaults."""
+    rows = [
+        {
+            "name": m.name, "family": m.family, "native_resolution": "x".join(map(str, m.native_resolution[::-1])),
+            "steps": m.default_steps, "cfg_scale": m.default_cfg_scale, "sampler": m.default_sampler,
+            "hub_id": m.hub_id, "tvm_resolutions": list(m.tvm_resolutions), "description": m.description,
+        }
+        for m in all_models()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    fmt = "{:<17} {:<5} {:<10} {:>5} {:>5}  {:<8} {}"
+    click.echo(fmt.format("MODEL", "FAM", "NATIVE", "STEPS", "CFG", "SAMPLER", "WEIGHTS (hub id)"))
+    for r in rows:
+        click.echo(fmt.format(r["name"], r["family"], r["native_resolution"], r["steps"], r["cfg_scale"],
+                              r["sampler"], r["hub_id"]))
+
+
+@main.command()
+def samplers() -> None:
+    """List sampler names and the diffusers scheduler each one uses."""
+    from .samplers import SAMPLERS
+
+    for spec in SAMPLERS.values():
+        opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        click.echo(f"{spec.name:<26} {spec.scheduler}" + (f" ({opts})" if opts else ""))
+
+
+@main.command()
+def presets() -> None:
+    """List style presets and their prompt templates."""
+    from .presets import presets as all_presets
+
+    for name, template in all_presets().items():
+        click.echo(f"{name:<22} {template['prompt']}")
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidRequestError(f"cannot read image file {path!r}: {exc}", param="image") from exc
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise InvalidRequestError(f"output must end in one of {', '.join(IMAGE_FORMATS)} (got {output!r})",
+                                  param="output")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Model name, e.g. SD1.5 (see `sdaot models`).")
+@click.option("--weights", default=lambda: os.environ.get("SDAOT_WEIGHTS", "tiny"), show_default="tiny",
+              help="tiny | random | diffusers folder | .safetensors file | hub[:ID].")
+@click.option("--refiner-weights", default=None, help="Weights of the SDXL refiner (folder/file) for --enable-refiner.")
+@click.option("--prompt", required=True)
+@click.option("--prompt-2", default=None, help="Second prompt (SDXL's second text encoder).")
+@click.option("--negative-prompt", default=None)
+@click.option("--negative-prompt-2", default=None)
+@click.option("--height", type=int, default=None, help="Multiple of 8; default: the model's native size.")
+@click.option("--width", type=int, default=None)
+@click.option("--steps", type=int, default=None)
+@click.option("--cfg-scale", type=float, default=None)
+@click.option("--sampler", default=None, help="See `sdaot samplers`.")
+@click.option("--seed", type=int, default=None, help="Random when absent; printed at the end.")
+@click.option("--image", "image_path", default=None, help="Start image for img2img.")
+@click.option("--strength", type=float, default=0.8, show_default=True)
+@click.option("--style-preset", default=None, help="See `sdaot presets`.")
+@click.option("--enable-refiner", is_flag=True)
+@click.option("--refiner-fraction", type=float, default=0.2, show_default=True)
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--backend", default="auto", show_default=True, help="auto | tvm | torch | onnxruntime")
+@click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
+def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
+             **params) -> None:
+    """Generate images from a prompt (txt2img, or img2img with --image)."""
+    from tqdm import tqdm
+
+    from .loader import load_pipeline
+    from .request import parse_request
+
+    data = {k: v for k, v in params.items() if v is not None}
+    data["model_name"] = model_name
+    if image_path is not None:
+        data["image"] = _read_image(image_path)
+    req = parse_request(data)
+    paths = _output_paths(output, req.num_images)
+    pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights)
+    pipe.plan(req)
+    with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = pipe.generate(req, progress=progress)
+    for path, image in zip(paths, result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])
+    backends = ", ".join(f"{k}={v}" for k, v in result.backends.items())
+    for path, seed in zip(paths, result.seeds, strict=True):
+        click.echo(f"wrote {path} (seed {seed})")
+    click.echo(f"time {result.inference_time:.2f} s; backends: {backends}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The Component interface: every network call of the pipeline goes through one, whatever runs it.
+
+A component takes positional tensors named by `input_names` and returns a tuple of tensors named by
+`output_names`. The torch modules below fix those signatures; the same modules are what the compiler
+exports, so the torch, onnxruntime and tvm backends of a component compute the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .weights import ModelBundle
+
+
+class Component(Protocol):
+    """A network the pipeline calls: a name, the backend that runs it, and a call on tensors."""
+
+    name: str
+    backend: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
+class TextEncoderModule(nn.Module):
+    """CLIP text encoder: token ids -> (final-norm hidden state, penultimate layer output, pooled embedding)."""
+
+    input_names = ("input_ids",)
+    output_names = ("last_hidden_state", "penultimate_hidden_state", "pooled")
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.encoder(input_ids, output_hidden_states=True)
+        pooled = out[0] if out[0].ndim == 2 else out.pooler_output
+        return out.last_hidden_state, out.hidden_states[-2], pooled
+
+
+class UNetModule(nn.Module):
+    """Denoiser: (latents, timestep per sample, text embeddings[, pooled text, time ids]) -> noise prediction."""
+
+    output_names = ("noise_pred",)
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = unet.config.addition_embed_type == "text_time"
+        base = ("sample", "timestep", "encoder_hidden_states")
+        self.input_names = base + (("text_embeds", "time_ids") if self.sdxl else ())
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        return (out,)
+
+
+class VaeDecoderModule(nn.Module):
+    """VAE decoder: unscaled latents -> image in [-1, 1]."""
+
+    input_names = ("latent",)
+    output_names = ("image",)
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latent, return_dict=False)[0],)
+
+
+class VaeEncoderModule(nn.Module):
+    """VAE encoder: image in [-1, 1] -> latent distribution parameters (mean and log-variance, stacked)."""
+
+    input_names = ("image",)
+    output_names = ("moments",)
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.encode(image).latent_dist.parameters,)
+
+
+def component_modules(bundle: ModelBundle) -> dict[str, nn.Module]:
+    """The exportable torch module of each component of a model, keyed by component name."""
+    modules: dict[str, nn.Module] = {
+        "unet": UNetModule(bundle.unet),
+        "vae_decoder": VaeDecoderModule(bundle.vae),
+        "vae_encoder": VaeEncoderModule(bundle.vae),
+    }
+    for name, encoder in bundle.text_encoders.items():
+        modules[name] = TextEncoderModule(encoder)
+    return modules
+
+
+class TorchComponent:
+    """A component run eagerly by PyTorch (diffusers / transformers modules)."""
+
+    backend = "torch"
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.input_names = tuple(module.input_names)
+        self.output_names = tuple(module.output_names)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            return tuple(self.module(*inputs))

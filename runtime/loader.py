@@ -1,0 +1,47 @@
+"""Builds ready-to-run pipelines from a model name and a weight source (used by the CLI and the server)."""
+
+from __future__ import annotations
+
+import logging
+
+import diffusers
+import transformers
+
+from .pipeline import Pipeline
+from .registry import get_model
+from .weights import load_weights
+
+log = logging.getLogger(__name__)
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers'/transformers' per-file progress bars and advice; sdaot reports its own progress."""
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = False,
+                  refiner_weights: str | None = None) -> Pipeline:
+    """Load a model's networks from `weights` and wrap them in a Pipeline (plus the SDXL refiner if asked)."""
+    quiet_libraries()
+    spec = get_model(model_name)
+    refiner = None
+    if with_refiner and spec.refiner:
+        refiner_spec = get_model(spec.refiner)
+        refiner = Pipeline(load_weights(refiner_spec, refiner_weights or _shared_source(weights, "refiner_weights")))
+    log.info("loading %s from %s weights", spec.name, weights)
+    return Pipeline(load_weights(spec, weights), refiner=refiner)
+
+
+def _shared_source(weights: str, flag: str) -> str:
+    """The refiner can share only a built-in source (tiny/random); a folder or file holds one model."""
+    if weights in ("tiny", "random"):
+        return weights
+    from .errors import WeightsNotFoundError
+
+    raise WeightsNotFoundError(
+        f"enable_refiner needs the refiner's own weights; pass --{flag.replace('_', '-')} (a download of "
+        "stabilityai/stable-diffusion-xl-refiner-1.0)",
+        param=flag,
+    )

@@ -1,0 +1,69 @@
+"""The generation request: every parameter of the reference API, validated once for CLI and HTTP alike."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidRequestError
+from .presets import get_preset
+from .registry import get_model
+from .samplers import get_sampler
+
+Backend = Literal["auto", "tvm", "torch", "onnxruntime"]
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_SEED = 2**32 - 1
+MAX_IMAGES = 4
+
+
+class GenerationRequest(BaseModel):
+    """One image-generation request. Unset optional fields take the model's defaults (see registry)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model_name: str
+    prompt: str = Field(max_length=10_000)
+    prompt_2: str | None = Field(default=None, max_length=10_000)
+    negative_prompt: str | None = Field(default=None, max_length=10_000)
+    negative_prompt_2: str | None = Field(default=None, max_length=10_000)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    backend: Backend = "auto"
+    image: Any = Field(default=None, description="img2img start image (a PIL image)")
+    strength: float = Field(default=0.8, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    cfg_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    sampler: str | None = None
+    steps: int | None = Field(default=None, ge=1, le=150)
+    style_preset: str | None = None
+    enable_refiner: bool = False
+    refiner_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    controlnet_name: str | None = None
+    controlnet_image: Any = None
+    loras: dict[str, float] | None = None
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+
+def parse_request(data: dict[str, Any]) -> GenerationRequest:
+    """Validate raw values and names (model, sampler, preset) before any model is loaded; errors name the field."""
+    try:
+        req = GenerationRequest(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        message = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequestError(message, param=field) from exc
+    get_model(req.model_name)
+    if req.sampler is not None:
+        get_sampler(req.sampler)
+    if req.style_preset is not None:
+        get_preset(req.style_preset)
+    return req

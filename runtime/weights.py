@@ -1,0 +1,207 @@
+"""Weight sources: where a model's networks come from (tiny, random, a diffusers folder, a single file, the hub).
+
+Every source ends in the same `ModelBundle`: torch modules plus tokenizers. `tiny` weights are built once
+with a fixed seed, saved as a diffusers-format folder and then loaded through the folder code path, so
+the tests exercise the same loading code real weights use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .errors import WeightsNotFoundError
+from .registry import ModelSpec, architectures
+from .tokenizer import clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+TINY_FORMAT_VERSION = 1
+BUILT_IN_SOURCES = ("tiny", "random")
+
+
+@dataclass
+class ModelBundle:
+    """The torch networks and tokenizers of one model, whatever source they were loaded from."""
+
+    spec: ModelSpec
+    source: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: dict[str, torch.nn.Module]
+    tokenizers: dict[str, CLIPTokenizer]
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Every torch network of the model by component name."""
+        return {"unet": self.unet, "vae": self.vae, **self.text_encoders}
+
+
+def cache_dir() -> Path:
+    """Where sdaot keeps built tiny models (SDAOT_CACHE, else ~/.cache/sdaot)."""
+    return Path(os.environ.get("SDAOT_CACHE", Path.home() / ".cache" / "sdaot"))
+
+
+def _text_encoder_class(spec: ModelSpec, name: str) -> type[torch.nn.Module]:
+    return CLIPTextModelWithProjection if spec.is_sdxl and name == "text_encoder_2" else CLIPTextModel
+
+
+def build_random(spec: ModelSpec, size: str, seed: int | None = None) -> ModelBundle:
+    """Instantiate the model's architecture (`size` = 'full' or 'tiny') with seeded random weights."""
+    arch = architectures()
+    torch.manual_seed(zlib.crc32(spec.hub_id.encode()) if seed is None else seed)
+    unet = UNet2DConditionModel(**arch[spec.networks["unet"]][size])
+    vae = AutoencoderKL(**arch[spec.networks["vae"]][size])
+    encoders = {
+        name: _text_encoder_class(spec, name)(CLIPTextConfig(**arch[spec.networks[name]][size]))
+        for name in spec.text_encoders
+    }
+    tokenizers = {name.replace("text_encoder", "tokenizer"): clip_tokenizer(_pad(spec, name)) for name in encoders}
+    for module in (unet, vae, *encoders.values()):
+        module.eval().requires_grad_(False)
+    return ModelBundle(spec, f"{size}-random", unet, vae, encoders, tokenizers)
+
+
+def _pad(spec: ModelSpec, encoder_name: str) -> str:
+    return spec.tokenizer_pads.get(encoder_name.replace("text_encoder", "tokenizer"), "<|endoftext|>")
+
+
+def save_diffusers_folder(bundle: ModelBundle, folder: Path, with_weights: bool = True) -> None:
+    """Write a bundle as a diffusers-format folder (model_index.json, one subfolder per network).
+
+    Without weights only the configs are written: enough for diffusers' single-file loader to know the
+    architecture without asking the hub.
+    """
+    spec = bundle.spec
+    for name, module in bundle.networks().items():
+        if with_weights:
+            module.save_pretrained(folder / name)
+        elif hasattr(module, "save_config"):
+            module.save_config(folder / name)
+        else:
+            module.config.save_pretrained(folder / name)
+    for name, tok in bundle.tokenizers.items():
+        tok.save_pretrained(folder / name)
+    sched = dict(spec.scheduler_config)
+    cls = sched.pop("_class_name")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": cls, **sched}, indent=2))
+    pipeline = "StableDiffusionXLPipeline" if spec.is_sdxl else "StableDiffusionPipeline"
+    if spec.refiner_only:
+        pipeline = "StableDiffusionXLImg2ImgPipeline"
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", "scheduler": ["diffusers", cls]}
+    index.update({"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    for name, module in bundle.text_encoders.items():
+        index[name] = ["transformers", type(module).__name__]
+    for name in bundle.tokenizers:
+        index[name] = ["transformers", "CLIPTokenizer"]
+    if spec.is_sdxl:
+        index["force_zeros_for_empty_prompt"] = spec.force_zeros_for_empty_prompt
+        index["requires_aesthetics_score"] = spec.requires_aesthetics_score
+        for missing in ("text_encoder", "tokenizer"):
+            index.setdefault(missing, [None, None])
+    else:
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None]})
+        index["requires_safety_checker"] = False
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def tiny_folder(spec: ModelSpec) -> Path:
+    """The diffusers folder of the model's tiny weights, built on first use (atomically) and reused after."""
+    folder = cache_dir() / f"tiny-v{TINY_FORMAT_VERSION}" / spec.hub_id.replace("/", "--")
+    if not (folder / "model_index.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+        try:
+            save_diffusers_folder(build_random(spec, "tiny"), tmp)
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if not (folder / "model_index.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("built tiny %s weights in %s", spec.name, folder)
+    return folder
+
+
+def load_diffusers_layout(spec: ModelSpec, location: str, source: str, local_only: bool = True) -> ModelBundle:
+    """Load each network from a diffusers layout (`location` is a folder or, with local_only=False, a hub id)."""
+    kwargs = {"local_files_only": local_only}
+    unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **kwargs)
+    vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **kwargs)
+    encoders = {
+        name: _text_encoder_class(spec, name).from_pretrained(location, subfolder=name, **kwargs)
+        for name in spec.text_encoders
+    }
+    tokenizers = {}
+    for name in encoders:
+        tok_name = name.replace("text_encoder", "tokenizer")
+        try:
+            tokenizers[tok_name] = CLIPTokenizer.from_pretrained(location, subfolder=tok_name, **kwargs)
+        except OSError:
+            tokenizers[tok_name] = clip_tokenizer(_pad(spec, name))
+    for module in (unet, vae, *encoders.values()):
+        module.eval().requires_grad_(False)
+    return ModelBundle(spec, source, unet, vae, encoders, tokenizers)
+
+
+def load_single_file(spec: ModelSpec, path: Path) -> ModelBundle:
+    """Load an original-format single-file checkpoint, using our full-size configs (no hub access needed)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    with tempfile.TemporaryDirectory(prefix="sdaot-config-") as config_dir:
+        with torch.device("meta"):
+            skeleton = build_random(spec, "full")
+        save_diffusers_folder(skeleton, Path(config_dir), with_weights=False)
+        cls = StableDiffusionXLPipeline if spec.is_sdxl else StableDiffusionPipeline
+        pipe = cls.from_single_file(str(path), config=config_dir, local_files_only=True)
+    encoders = {name: getattr(pipe, name) for name in spec.text_encoders}
+    tokenizers = {name.replace("text_encoder", "tokenizer"): clip_tokenizer(_pad(spec, name)) for name in encoders}
+    for module in (pipe.unet, pipe.vae, *encoders.values()):
+        module.eval().requires_grad_(False)
+    return ModelBundle(spec, f"file:{path}", pipe.unet, pipe.vae, encoders, tokenizers)
+
+
+def load_weights(spec: ModelSpec, source: str = "tiny") -> ModelBundle:
+    """Resolve a weight source string (tiny | random | folder | file.safetensors | hub[:id]) to a bundle."""
+    if source == "tiny":
+        return load_diffusers_layout(spec, str(tiny_folder(spec)), "tiny")
+    if source == "random":
+        return build_random(spec, "full")
+    if source == "hub" or source.startswith("hub:"):
+        hub_id = source[4:] or spec.hub_id
+        try:
+            return load_diffusers_layout(spec, hub_id, f"hub:{hub_id}", local_only=False)
+        except OSError as exc:
+            raise WeightsNotFoundError(
+                f"could not load {spec.name} from the hub ({hub_id}): {exc}. Download it where the hub is reachable "
+                f"(`huggingface-cli download {hub_id} --local-dir DIR`) and pass --weights DIR",
+                param="weights",
+            ) from exc
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            raise WeightsNotFoundError(
+                f"{path} is not a diffusers-format folder (no unet/ subfolder); expected the layout of {spec.hub_id}",
+                param="weights",
+            )
+        return load_diffusers_layout(spec, str(path), f"folder:{path}")
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        return load_single_file(spec, path)
+    raise WeightsNotFoundError(
+        f"weights {source!r} for {spec.name} not found. Pass --weights tiny (built-in demo weights), "
+        f"random (full-size architecture, for benchmarks), a diffusers folder (e.g. a download of {spec.hub_id}), "
+        "a single-file .safetensors checkpoint, or hub[:ID] where the model hub is reachable",
+        param="weights",
+    )
