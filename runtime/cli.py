@@ -115,9 +115,11 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--refiner-fraction", type=float, default=0.2, show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--backend", default="auto", show_default=True, help="auto | tvm | torch | onnxruntime")
+@click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
+              help="Compiled artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
-             **params) -> None:
+             artifacts_root: Path | None, **params) -> None:
     """Generate images from a prompt (txt2img, or img2img with --image)."""
     from tqdm import tqdm
 
@@ -130,7 +132,8 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
         data["image"] = _read_image(image_path)
     req = parse_request(data)
     paths = _output_paths(output, req.num_images)
-    pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights)
+    pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights,
+                         artifacts_root=artifacts_root)
     pipe.plan(req)
     with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
@@ -146,6 +149,74 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     for path, seed in zip(paths, result.seeds, strict=True):
         click.echo(f"wrote {path} (seed {seed})")
     click.echo(f"time {result.inference_time:.2f} s; backends: {backends}")
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Model name (see `sdaot models`).")
+@click.option("--weights", default=lambda: os.environ.get("SDAOT_WEIGHTS", "tiny"), show_default="tiny",
+              help="Weights whose architecture the artifacts are built for (the values are not baked in).")
+@click.option("--resolution", "resolutions", multiple=True,
+              help="WIDTHxHEIGHT, repeatable; default: the model's tvm resolutions (`sdaot models --json`).")
+@click.option("--components", default=None, help="Comma-separated, e.g. unet,vae_decoder (default: all).")
+@click.option("--batch", default=None, help="UNet batch sizes, e.g. 1,2 (default: 2 for CFG models, 1 for turbo).")
+@click.option("--target", default="cpu", show_default=True, help="cpu | cuda | a TVM JSON target dict.")
+@click.option("--out", "root", type=click.Path(path_type=Path), default=None,
+              help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
+def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
+            batch: str | None, target: str, root: Path | None) -> None:
+    """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
+    import time
+
+    from .artifacts import default_root
+    from .loader import quiet_libraries
+    from .registry import get_model
+    from .targets import resolve_target, target_key
+    from .weights import load_weights
+
+    try:
+        from sdaot.compiler.compile import compile_job, parse_resolution, plan_jobs, remove_stale_temporaries
+    except ImportError as exc:
+        raise SdaotError(f"the compiler needs onnx, onnxslim and apache-tvm installed: {exc}") from exc
+
+    quiet_libraries()
+    spec = get_model(model_name)
+    sizes = [parse_resolution(r) for r in (resolutions or spec.tvm_resolutions)]
+    try:
+        batches = [int(b) for b in batch.split(",")] if batch else None
+    except ValueError as exc:
+        raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
+    tvm_target = resolve_target(target)
+    root = root or default_root()
+    bundle = load_weights(spec, weights)
+    jobs = plan_jobs(bundle, sizes, components.split(",") if components else None, batches)
+    if remove_stale_temporaries(root):
+        click.echo("removed temporary folders left by an interrupted compile")
+    click.echo(f"compiling {len(jobs)} artifacts of {spec.name} for {target_key(tvm_target)} into {root}")
+    for i, job in enumerate(jobs, 1):
+        click.echo(f"[{i}/{len(jobs)}] {job.describe()}")
+        start = time.perf_counter()
+        path = compile_job(bundle, job, tvm_target, root, log=click.echo)
+        click.echo(f"  done in {time.perf_counter() - start:.1f} s -> {path}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--dir", "root", type=click.Path(path_type=Path), default=None, help="Artifacts folder.")
+def artifacts(as_json: bool, root: Path | None) -> None:
+    """List compiled artifacts: model, component, resolution, batch, target, tuned, size on disk."""
+    from .artifacts import list_artifacts
+
+    rows = [a.summary() for a in list_artifacts(root)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    fmt = "{:<17} {:<15} {:<10} {:>5}  {:<14} {:<5} {:>9}"
+    click.echo(fmt.format("MODEL", "COMPONENT", "RESOLUTION", "BATCH", "TARGET", "TUNED", "SIZE"))
+    for r in rows:
+        click.echo(fmt.format(r["model"], r["component"], r["resolution"], r["batch"], r["target"],
+                              "yes" if r["tuned"] else "no", f"{r['size_bytes'] / 1e6:.1f} MB"))
+    if not rows:
+        click.echo("(none: build some with `sdaot compile --model SD1.5 --resolution 512x512`)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import diffusers
 import transformers
@@ -22,16 +23,17 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = False,
-                  refiner_weights: str | None = None) -> Pipeline:
+                  refiner_weights: str | None = None, artifacts_root: Path | None = None) -> Pipeline:
     """Load a model's networks from `weights` and wrap them in a Pipeline (plus the SDXL refiner if asked)."""
     quiet_libraries()
     spec = get_model(model_name)
     refiner = None
     if with_refiner and spec.refiner:
         refiner_spec = get_model(spec.refiner)
-        refiner = Pipeline(load_weights(refiner_spec, refiner_weights or _shared_source(weights, "refiner_weights")))
+        refiner_source = refiner_weights or _shared_source(weights, "refiner_weights")
+        refiner = Pipeline(load_weights(refiner_spec, refiner_source), artifacts_root=artifacts_root)
     log.info("loading %s from %s weights", spec.name, weights)
-    return Pipeline(load_weights(spec, weights), refiner=refiner)
+    return Pipeline(load_weights(spec, weights), refiner=refiner, artifacts_root=artifacts_root)
 
 
 def _shared_source(weights: str, flag: str) -> str:

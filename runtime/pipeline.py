@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -20,11 +21,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .components import Component, TorchComponent, component_modules
-from .errors import BackendUnavailableError, InvalidRequestError
+from .errors import InvalidRequestError
 from .presets import apply_preset
 from .registry import ModelSpec
 from .request import MAX_SEED, GenerationRequest
 from .samplers import SamplerSpec, get_sampler, make_scheduler
+from .selection import ComponentSelector
 from .weights import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -68,11 +70,12 @@ class GenerationResult:
 class Pipeline:
     """Generates images for one model; the refiner pipeline, when given, serves `enable_refiner`."""
 
-    def __init__(self, bundle: ModelBundle, refiner: Pipeline | None = None) -> None:
+    def __init__(self, bundle: ModelBundle, refiner: Pipeline | None = None, artifacts_root: Path | None = None) -> None:
         self.bundle = bundle
         self.spec: ModelSpec = bundle.spec
         self.refiner = refiner
         self.torch_components = {n: TorchComponent(n, m) for n, m in component_modules(bundle).items()}
+        self.selector = ComponentSelector(self.spec.name, self.torch_components, artifacts_root)
         self.image_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE)
         self.scaling_factor = bundle.vae.config.scaling_factor
 
@@ -120,13 +123,14 @@ class Pipeline:
     # ---- backends -------------------------------------------------------------------------------
     def components(self, plan: Plan) -> dict[str, Component]:
         """The component that runs each network for this plan's backend, resolution and batch."""
-        backend = plan.request.backend
-        if backend in ("tvm", "onnxruntime"):
-            raise BackendUnavailableError(
-                f"backend {backend!r} has no compiled artifacts for {self.spec.name}; use backend 'torch' or 'auto'",
-                param="backend",
-            )
-        return dict(self.torch_components)
+        n = len(plan.seeds)
+        size = (plan.width, plan.height)
+        needs: dict[str, tuple[tuple[int, int] | None, int]] = {name: (None, 1) for name in self.spec.text_encoders}
+        needs["unet"] = (size, 2 * n if plan.do_cfg else n)
+        needs["vae_decoder"] = (size, n)
+        if plan.request.image is not None:
+            needs["vae_encoder"] = (size, 1)
+        return self.selector.select(plan.request.backend, needs)
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, req: GenerationRequest, progress: Progress | None = None) -> GenerationResult:

@@ -1,0 +1,162 @@
+"""`sdaot compile`: export, import and build each component per resolution and batch, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from sdaot.runtime.artifacts import (
+    FORMAT_VERSION,
+    MANIFEST,
+    artifact_dir,
+    file_sha256,
+    resolution_key,
+    weights_signature,
+)
+from sdaot.runtime.components import component_modules
+from sdaot.runtime.errors import InvalidRequestError
+from sdaot.runtime.targets import target_json, target_key
+from sdaot.runtime.weights import ModelBundle
+
+from .export import export_component
+from .tvm_build import build_library
+
+SIZE_FREE = ("text_encoder", "text_encoder_2")
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One artifact to build: a component at a resolution (None for size-free ones) and a batch size."""
+
+    component: str
+    resolution: tuple[int, int] | None
+    batch: int
+
+    def describe(self) -> str:
+        return f"{self.component} {resolution_key(self.resolution)} b{self.batch}"
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (width, height), both multiples of 8."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise InvalidRequestError(f"resolution must look like 512x768 (got {text!r})", param="resolution") from exc
+    if width % 8 or height % 8 or min(width, height) < 64:
+        raise InvalidRequestError(f"resolution sides must be multiples of 8, at least 64 (got {text})",
+                                  param="resolution")
+    return width, height
+
+
+def plan_jobs(bundle: ModelBundle, resolutions: list[tuple[int, int]], components: list[str] | None,
+              batches: list[int] | None) -> list[CompileJob]:
+    """Every (component, resolution, batch) to build; text encoders once, the UNet per CFG batch size."""
+    available = list(component_modules(bundle))
+    components = components or available
+    for name in components:
+        if name not in available:
+            raise InvalidRequestError(f"{bundle.spec.name} has no component {name!r}; it has {', '.join(available)}",
+                                      param="components")
+    if batches is None:
+        batches = [1] if bundle.spec.default_cfg_scale <= 1.0 else [2]
+    jobs = []
+    for name in components:
+        if name in SIZE_FREE:
+            jobs.append(CompileJob(name, None, 1))
+            continue
+        for res in resolutions:
+            for batch in batches if name == "unet" else [1]:
+                jobs.append(CompileJob(name, res, batch))
+    return jobs
+
+
+def example_inputs(bundle: ModelBundle, job: CompileJob) -> tuple[torch.Tensor, ...]:
+    """Inputs of the right shape and dtype for tracing one component."""
+    b = job.batch
+    if job.component in SIZE_FREE:
+        return (torch.zeros(b, 77, dtype=torch.int64),)
+    width, height = job.resolution
+    latent = (b, bundle.unet.config.in_channels, height // 8, width // 8)
+    if job.component == "vae_decoder":
+        return (torch.randn(latent),)
+    if job.component == "vae_encoder":
+        return (torch.randn(b, 3, height, width),)
+    unet = bundle.unet.config
+    args = [torch.randn(latent), torch.full((b,), 500.0), torch.randn(b, 77, unet.cross_attention_dim)]
+    if unet.addition_embed_type == "text_time":
+        time_ids = 5 if bundle.spec.requires_aesthetics_score else 6
+        pooled = unet.projection_class_embeddings_input_dim - time_ids * unet.addition_time_embed_dim
+        args += [torch.randn(b, pooled), torch.randn(b, time_ids)]
+    return tuple(args)
+
+
+def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
+                log: Callable[[str], None] = print) -> Path:
+    """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
+    import tvm
+
+    final = artifact_dir(root, bundle.spec.name, job.component, job.resolution, job.batch, target_key(target))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        start = time.perf_counter()
+        module = component_modules(bundle)[job.component]
+        graph = export_component(module, example_inputs(bundle, job))
+        onnx.save(graph.model, str(tmp / "model.onnx"))
+        exported = time.perf_counter()
+        log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")
+        functions = build_library(graph.model, target, tmp / "lib.so")
+        built = time.perf_counter()
+        log(f"  built TVM library in {built - exported:.1f} s ({functions} kernels)")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "sdaot_version": VERSION,
+            "tvm_version": tvm.__version__,
+            "model": bundle.spec.name,
+            "family": bundle.spec.family,
+            "component": job.component,
+            "resolution": resolution_key(job.resolution),
+            "batch": job.batch,
+            "inputs": graph.inputs,
+            "outputs": graph.outputs,
+            "weights": graph.weights,
+            "weights_signature": weights_signature(graph.weights),
+            "weight_source": bundle.source,
+            "target": target_json(target),
+            "target_key": target_key(target),
+            "onnx_sha256": graph.sha256,
+            "lib_sha256": file_sha256(tmp / "lib.so"),
+            "tuned": False,
+            "tuned_functions": 0,
+            "total_functions": functions,
+            "build_seconds": round(built - start, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            old = final.parent / f".old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete temporary folders left by compiles that were killed; returns how many."""
+    stale = [p for p in root.glob("*/*/.tmp-*") if p.is_dir()] + [p for p in root.glob("*/*/.old-*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)

@@ -1,0 +1,140 @@
+"""Compiled backends of a Component: a TVM library or the exported ONNX graph under onnxruntime.
+
+Both read their weights from the torch module's own parameter tensors (zero-copy: DLPack for TVM, numpy
+views for onnxruntime), so the torch and compiled backends share one copy of the weights. A compiled
+component built for batch b serves any batch that is a multiple of b, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import Artifact, file_sha256, weights_signature
+from .errors import BackendUnavailableError
+
+ALIGNMENT = 64
+
+
+def aligned_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    """The named parameters of `module`, moved in place to 64-byte aligned memory where needed (TVM needs it)."""
+    params = dict(module.named_parameters())
+    out = []
+    for name in names:
+        param = params[name]
+        if param.data_ptr() % ALIGNMENT or not param.is_contiguous():
+            param.data = param.data.contiguous().clone()
+        out.append(param.detach())
+    return out
+
+
+def check_artifact(artifact: Artifact, module: nn.Module, target_key: str) -> None:
+    """Refuse an artifact built for another TVM version, target or architecture, or whose files were altered."""
+    import tvm
+
+    m = artifact.manifest
+    problems = []
+    if m["tvm_version"] != tvm.__version__:
+        problems.append(f"built with TVM {m['tvm_version']}, running {tvm.__version__}")
+    if m["target_key"] != target_key:
+        problems.append(f"built for {m['target_key']}, this device is {target_key}")
+    params = dict(module.named_parameters())
+    actual = [{"name": w["name"], "shape": list(params[w["name"]].shape), "dtype": str(params[w["name"]].dtype)[6:]}
+              for w in m["weights"] if w["name"] in params]
+    if len(actual) != len(m["weights"]) or weights_signature(actual) != m["weights_signature"]:
+        problems.append("its weight shapes do not match the loaded model's (another architecture or size)")
+    lib = artifact.path / "lib.so"
+    if not lib.is_file() or file_sha256(lib) != m["lib_sha256"]:
+        problems.append("lib.so is missing, truncated or altered")
+    if problems:
+        raise BackendUnavailableError(f"artifact {artifact.path} cannot be used: {'; '.join(problems)}",
+                                      param="backend")
+
+
+class _Chunked:
+    """Runs a fixed-batch compiled function over any batch that is a multiple of its batch size."""
+
+    name: str
+    backend: str
+    batch: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        total = inputs[0].shape[0]
+        if total == self.batch:
+            return self._run(inputs)
+        if total % self.batch:
+            raise BackendUnavailableError(f"{self.name} is compiled for batch {self.batch}, got {total}",
+                                          param="backend")
+        parts = [self._run(tuple(x[i:i + self.batch] for x in inputs)) for i in range(0, total, self.batch)]
+        return tuple(torch.cat(outs) for outs in zip(*parts, strict=True))
+
+    def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class TvmComponent(_Chunked):
+    """A component run by a TVM Relax VM from an artifact's lib.so."""
+
+    backend = "tvm"
+
+    def __init__(self, name: str, artifact: Artifact, module: nn.Module) -> None:
+        import tvm
+        from tvm import relax
+
+        self.name, self.batch = name, artifact.batch
+        self.input_names = tuple(module.input_names)
+        self.output_names = tuple(module.output_names)
+        try:
+            lib = tvm.runtime.load_module(str(artifact.path / "lib.so"))
+            self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        except Exception as exc:  # TVM reports load failures with its own error classes
+            raise BackendUnavailableError(f"cannot load {artifact.path / 'lib.so'}: {exc}", param="backend") from exc
+        names = [w["name"] for w in artifact.manifest["weights"]]
+        self._weights = [tvm.runtime.from_dlpack(w) for w in aligned_weights(module, names)]
+        self._main = self.vm["main"]
+
+    def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        import tvm
+
+        args = [tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]
+        out = self._main(*args, *self._weights)
+        outs = out if isinstance(out, (list, tuple)) or hasattr(out, "__len__") and not hasattr(out, "shape") else [out]
+        return tuple(torch.from_dlpack(o).clone() for o in outs)
+
+
+class OnnxRuntimeComponent(_Chunked):
+    """A component run by onnxruntime from an artifact's model.onnx (CUDA provider where available)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, name: str, artifact: Artifact, module: nn.Module) -> None:
+        import onnxruntime as ort
+
+        self.name, self.batch = name, artifact.batch
+        self.input_names = tuple(module.input_names)
+        self.output_names = tuple(module.output_names)
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(artifact.path / "model.onnx"), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own error classes for unreadable graphs
+            raise BackendUnavailableError(f"cannot load {artifact.path / 'model.onnx'}: {exc}",
+                                          param="backend") from exc
+        names = [w["name"] for w in artifact.manifest["weights"]]
+        self._weights = {n: w.numpy() for n, w in zip(names, aligned_weights(module, names), strict=True)}
+        self._inputs = [i["name"] for i in artifact.manifest["inputs"]]
+
+    def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        feed: dict[str, Any] = dict(self._weights)
+        by_name = dict(zip(self.input_names, inputs, strict=True))
+        for name in self._inputs:
+            feed[name] = by_name[name].contiguous().numpy()
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    return x if x.data_ptr() % ALIGNMENT == 0 else x.clone()

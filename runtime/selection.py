@@ -1,0 +1,94 @@
+"""Which backend runs each component of a request: `torch`, `tvm`, `onnxruntime`, or `auto`.
+
+`auto` takes tvm wherever an artifact matches (model, component, resolution, batch, this device) and
+loads cleanly, torch elsewhere; a broken artifact under `auto` logs a warning and falls back to torch,
+under `tvm`/`onnxruntime` it is an error that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+
+from .artifacts import Artifact, list_artifacts, resolution_key
+from .compiled import OnnxRuntimeComponent, TvmComponent, check_artifact
+from .components import Component, TorchComponent
+from .errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+COMPILED = {"tvm": TvmComponent, "onnxruntime": OnnxRuntimeComponent}
+
+
+@cache
+def host_target_key() -> str | None:
+    """The artifact target key of this machine's CPU, or None when TVM cannot be imported."""
+    try:
+        from .targets import resolve_target, target_key
+
+        return target_key(resolve_target("cpu"))
+    except ImportError:
+        return None
+
+
+class ComponentSelector:
+    """Finds, checks, loads and caches compiled components for one model."""
+
+    def __init__(self, model: str, torch_components: dict[str, TorchComponent], root: Path | None = None) -> None:
+        self.model = model
+        self.torch_components = torch_components
+        self.root = root
+        self._loaded: dict[tuple[str, str, str], Component] = {}
+
+    def artifacts(self) -> list[Artifact]:
+        """This model's artifacts for this device."""
+        key = host_target_key()
+        return [a for a in list_artifacts(self.root) if a.model == self.model and a.target_key == key]
+
+    def compiled_resolutions(self) -> list[str]:
+        """Resolutions with a compiled UNet, as WIDTHxHEIGHT."""
+        return sorted({a.resolution for a in self.artifacts() if a.component == "unet"})
+
+    def select(self, backend: str, needs: dict[str, tuple[tuple[int, int] | None, int]]) -> dict[str, Component]:
+        """One component per needed name; `needs` maps name -> (resolution or None, total batch)."""
+        if backend == "torch":
+            return {name: self.torch_components[name] for name in needs}
+        found = self.artifacts()
+        chosen: dict[str, Component] = {}
+        for name, (resolution, total) in needs.items():
+            kind = "tvm" if backend == "auto" else backend
+            artifact = _best(found, name, resolution_key(resolution), total)
+            if artifact is None:
+                if backend == "auto":
+                    chosen[name] = self.torch_components[name]
+                    continue
+                compiled = ", ".join(self.compiled_resolutions()) or "none"
+                where = f"at {resolution_key(resolution)}" if resolution else "(size-free)"
+                raise BackendUnavailableError(
+                    f"no {name} artifact for {self.model} {where} with a batch dividing {total}; compiled "
+                    f"resolutions for {self.model}: {compiled}. Build one with `sdaot compile --model {self.model}"
+                    + (f" --resolution {resolution_key(resolution)}`" if resolution else "`"),
+                    param="backend",
+                )
+            try:
+                chosen[name] = self._load(kind, name, artifact)
+            except BackendUnavailableError as exc:
+                if backend != "auto":
+                    raise
+                log.warning("falling back to torch for %s %s: %s", self.model, name, exc.message)
+                chosen[name] = self.torch_components[name]
+        return chosen
+
+    def _load(self, kind: str, name: str, artifact: Artifact) -> Component:
+        key = (kind, str(artifact.path), artifact.manifest["created"])
+        if key not in self._loaded:
+            module = self.torch_components[name].module
+            check_artifact(artifact, module, host_target_key() or "")
+            self._loaded[key] = COMPILED[kind](name, artifact, module)
+            log.info("loaded %s %s from %s", kind, name, artifact.path)
+        return self._loaded[key]
+
+
+def _best(found: list[Artifact], component: str, resolution: str, total: int) -> Artifact | None:
+    matches = [a for a in found if a.component == component and a.resolution == resolution and total % a.batch == 0]
+    return max(matches, key=lambda a: a.batch, default=None)

@@ -1,0 +1,39 @@
+"""TVM targets: what `--target cpu|cuda|<JSON>` means, and the short key artifacts are filed under."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import InvalidRequestError
+
+
+def resolve_target(spec: str = "cpu") -> Any:
+    """A tvm.target.Target for 'cpu' (this host's CPU), 'cuda' (sm_90 unless given as JSON) or a JSON dict."""
+    import tvm
+
+    if spec == "cpu":
+        return tvm.target.Target.from_device(tvm.cpu())
+    if spec == "cuda":
+        return tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_num_threads": 1024, "thread_warp_size": 32})
+    try:
+        config = json.loads(spec)
+    except ValueError as exc:
+        raise InvalidRequestError(f"target must be cpu, cuda or a JSON target dict (got {spec!r})",
+                                  param="target") from exc
+    try:
+        return tvm.target.Target(config)
+    except Exception as exc:  # TVM raises its own error types for bad target dicts
+        raise InvalidRequestError(f"invalid target {spec!r}: {exc}", param="target") from exc
+
+
+def target_key(target: Any) -> str:
+    """A short, filename-safe name of a target: llvm-<cpu> or cuda-<arch>."""
+    attrs = target.attrs
+    detail = attrs.get("mcpu") if target.kind.name == "llvm" else attrs.get("arch")
+    return f"{target.kind.name}-{detail or 'generic'}"
+
+
+def target_json(target: Any) -> dict[str, Any]:
+    """The target as the JSON dict TVM accepts back."""
+    return json.loads(str(target))
