@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path) -> int:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    mod = from_onnx(model, keep_params_in_input=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = from_onnx(model, keep_params_in_input=False)
     mod, _ = relax.frontend.detach_params(mod)
     with target:
         mod = relax.get_pipeline("zero")(mod)

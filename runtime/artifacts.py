@@ -33,7 +33,7 @@ def file_sha256(path: Path) -> str:
 
 
 def weights_signature(weights: list[dict[str, Any]]) -> str:
-    """A hash of the weight inputs' names, shapes and dtypes: an artifact only fits the architecture it was built for."""
+    """Hash of the weight inputs' names, shapes and dtypes: an artifact fits only the architecture it was built for."""
     text = json.dumps([[w["name"], list(w["shape"]), w["dtype"]] for w in weights])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

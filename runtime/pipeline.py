@@ -70,7 +70,8 @@ class GenerationResult:
 class Pipeline:
     """Generates images for one model; the refiner pipeline, when given, serves `enable_refiner`."""
 
-    def __init__(self, bundle: ModelBundle, refiner: Pipeline | None = None, artifacts_root: Path | None = None) -> None:
+    def __init__(self, bundle: ModelBundle, refiner: Pipeline | None = None,
+                 artifacts_root: Path | None = None) -> None:
         self.bundle = bundle
         self.spec: ModelSpec = bundle.spec
         self.refiner = refiner

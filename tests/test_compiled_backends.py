@@ -1,0 +1,134 @@
+"""Compiled backends: real ONNX exports and TVM builds of tiny models, checked against torch."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from sdaot.runtime.artifacts import list_artifacts
+from sdaot.runtime.cli import main
+from sdaot.runtime.errors import BackendUnavailableError
+from sdaot.runtime.loader import load_pipeline
+from sdaot.runtime.request import parse_request
+
+FAMILIES = ["SD1.5", "SD2", "SDXL1.0-base"]
+
+
+@pytest.fixture(scope="session")
+def compiled_root(tmp_path_factory):
+    """One real `sdaot compile` per family at 64x64 (all components), shared by the tests below."""
+    root = tmp_path_factory.mktemp("artifacts")
+    for model in FAMILIES:
+        result = CliRunner().invoke(main, ["compile", "--model", model, "--weights", "tiny", "--resolution", "64x64",
+                                           "--out", str(root)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "[1/" in result.output and "built TVM library" in result.output
+    return root
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((x - y) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_artifacts_are_listed_with_manifest_fields(compiled_root):
+    rows = json.loads(CliRunner().invoke(main, ["artifacts", "--json", "--dir", str(compiled_root)]).output)
+    sdxl = {r["component"] for r in rows if r["model"] == "SDXL1.0-base"}
+    assert sdxl == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    encoders = [r for r in rows if r["component"] == "text_encoder"]
+    assert all(r["resolution"] == "any" for r in encoders), "text encoders are built once, not per resolution"
+    unet = next(a for a in list_artifacts(compiled_root) if a.component == "unet" and a.model == "SD1.5")
+    manifest = unet.manifest
+    assert manifest["batch"] == 2 and manifest["tuned"] is False
+    assert {i["name"] for i in manifest["inputs"]} == {"sample", "timestep", "encoder_hidden_states"}
+    assert manifest["inputs"][0]["shape"] == [2, 4, 8, 8]
+    assert manifest["weights"] and all(w["name"].startswith("unet.") for w in manifest["weights"])
+    for key in ("tvm_version", "sdaot_version", "target", "onnx_sha256", "build_seconds", "family"):
+        assert key in manifest
+    assert (unet.path / "model.onnx").stat().st_size < 1_000_000, "weights must not be baked into the graph"
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+@pytest.mark.parametrize("img2img", [False, True])
+def test_tvm_onnxruntime_and_torch_agree(compiled_root, model, img2img):
+    pipe = load_pipeline(model, "tiny", artifacts_root=compiled_root)
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    images, extra = {}, dict(image=init, strength=0.7) if img2img else {}
+    for backend in ("torch", "tvm", "onnxruntime"):
+        req = parse_request(dict(model_name=model, prompt="a red cube", height=64, width=64, steps=3, seed=9,
+                                 backend=backend, **extra))
+        result = pipe.generate(req)
+        assert set(result.backends.values()) == {backend}, result.backends
+        if img2img:
+            assert result.backends["vae_encoder"] == backend
+        images[backend] = result.images[0]
+    assert np.asarray(images["torch"]).std() > 1
+    assert psnr(images["tvm"], images["torch"]) >= 40
+    assert psnr(images["onnxruntime"], images["torch"]) >= 40
+
+
+def test_auto_uses_tvm_where_compiled_and_torch_elsewhere(compiled_root):
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=compiled_root)
+    compiled = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2)))
+    assert compiled.backends == {"text_encoder": "tvm", "unet": "tvm", "vae_decoder": "tvm"}
+    other = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=72, width=64, steps=2)))
+    assert other.backends["unet"] == "torch" and other.backends["text_encoder"] == "tvm"
+
+
+def test_tvm_at_an_uncompiled_resolution_lists_the_compiled_ones(compiled_root, tmp_path):
+    result = CliRunner().invoke(main, ["generate", "--model", "SD1.5", "--prompt", "x", "--height", "72",
+                                       "--width", "64", "--steps", "2", "--backend", "tvm", "--artifacts",
+                                       str(compiled_root), "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 2
+    assert "error: backend:" in result.output and "compiled resolutions for SD1.5: 64x64" in result.output
+    ok = CliRunner().invoke(main, ["generate", "--model", "SD1.5", "--prompt", "x", "--height", "64", "--width",
+                                   "64", "--steps", "2", "--backend", "tvm", "--artifacts", str(compiled_root),
+                                   "-o", str(tmp_path / "t.png")])
+    assert ok.exit_code == 0 and "unet=tvm" in ok.output
+
+
+def test_truncated_library_is_reported_and_auto_falls_back(compiled_root, tmp_path, caplog):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(compiled_root / "SD1.5", root / "SD1.5")
+    lib = next(root.glob("SD1.5/unet/*/lib.so"))
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=root)
+    req = dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2)
+    with pytest.raises(BackendUnavailableError, match="truncated"):
+        pipe.generate(parse_request(req | {"backend": "tvm"}))
+    result = pipe.generate(parse_request(req | {"backend": "auto"}))
+    assert result.backends["unet"] == "torch" and result.backends["vae_decoder"] == "tvm"
+    assert any("falling back to torch" in r.message for r in caplog.records)
+
+
+def test_killed_compile_leaves_nothing_loadable(tmp_path):
+    root = tmp_path / "art"
+    cmd = [sys.executable, "-m", "sdaot.runtime.cli", "compile", "--model", "SD1.5", "--resolution", "64x64",
+           "--components", "unet", "--out", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(root.glob("*/*/.tmp-*/model.onnx")):
+        time.sleep(0.2)
+    assert list(root.glob("*/*/.tmp-*/model.onnx")), "compile never started writing"
+    proc.kill()
+    proc.wait()
+    assert list_artifacts(root) == []
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=root)
+    with pytest.raises(BackendUnavailableError):
+        pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2,
+                                         backend="tvm")))
+
+
+def test_runtime_imports_without_compiler_or_onnx():
+    code = ("import sys; sys.modules['onnx'] = None; sys.modules['sdaot.compiler'] = None; sys.modules['onnxslim'] = None;"
+            "import sdaot.runtime.pipeline, sdaot.runtime.selection, sdaot.runtime.compiled, sdaot.runtime.cli")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
