@@ -219,5 +219,61 @@ def artifacts(as_json: bool, root: Path | None) -> None:
         click.echo("(none: build some with `sdaot compile --model SD1.5 --resolution 512x512`)")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--weights", default=lambda: os.environ.get("SDAOT_WEIGHTS", "tiny"), show_default="tiny",
+              help="tiny (built-in demo) | random | a diffusers folder or file (then serve one model).")
+@click.option("--models", default="SD1.5,SDXL1.0-base,SDXL-turbo", show_default=True,
+              help="Comma-separated model names to load.")
+@click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
+              help="Compiled artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Concurrent generations.")
+@click.option("--queue-size", type=int, default=4, show_default=True, help="Requests waiting beyond the workers.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Seconds before a request answers 504 and its work is cancelled.")
+@click.option("--api-key-file", type=click.Path(exists=True, path_type=Path), default=None,
+              help="File with one API key per line (also: SDAOT_API_KEYS, comma-separated).")
+@click.option("--insecure-no-auth", is_flag=True, help="Allow serving a non-loopback address without API keys.")
+def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
+          queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool) -> None:
+    """Serve POST /v1/image/generation (the reference API) plus /v1/models, /healthz, /readyz, /metrics."""
+    import logging
+
+    import uvicorn
+
+    from .registry import get_model
+    from .server import ServerConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = [k.strip() for k in os.environ.get("SDAOT_API_KEYS", "").split(",") if k.strip()]
+    if api_key_file:
+        keys += [line.strip() for line in api_key_file.read_text().splitlines() if line.strip()]
+    if not keys and not _is_loopback(host):
+        if not insecure_no_auth:
+            raise InvalidRequestError(f"refusing to serve {host} without API keys: set SDAOT_API_KEYS or "
+                                      "--api-key-file, or pass --insecure-no-auth", param="host")
+        click.echo(f"WARNING: serving {host} with no authentication", err=True)
+    elif not keys:
+        click.echo(f"no API keys configured: serving loopback address {host} only, without authentication", err=True)
+    if workers < 1 or queue_size < 0:
+        raise InvalidRequestError("workers must be >= 1 and queue-size >= 0", param="workers")
+    names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
+    config = ServerConfig(models=names, weights=weights, artifacts_root=artifacts_root, api_keys=keys,
+                          workers=workers, queue_size=queue_size, timeout_s=timeout_s)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
+
+
 if __name__ == "__main__":
     main()

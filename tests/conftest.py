@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 _CACHE = Path(tempfile.mkdtemp(prefix="sdaot-test-cache-"))
 os.environ.setdefault("SDAOT_CACHE", str(_CACHE))
@@ -26,3 +27,20 @@ def pipelines():
         return loaded[key]
 
     return get
+
+
+FAMILIES = ["SD1.5", "SD2", "SDXL1.0-base"]
+
+
+@pytest.fixture(scope="session")
+def compiled_root(tmp_path_factory):
+    """One real `sdaot compile` per family at 64x64 (all components), shared by the tests below."""
+    root = tmp_path_factory.mktemp("artifacts")
+    from sdaot.runtime.cli import main
+
+    for model in FAMILIES:
+        result = CliRunner().invoke(main, ["compile", "--model", model, "--weights", "tiny", "--resolution", "64x64",
+                                           "--out", str(root)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "[1/" in result.output and "built TVM library" in result.output
+    return root

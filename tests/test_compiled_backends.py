@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FAMILIES
 from PIL import Image
 
 from sdaot.runtime.artifacts import list_artifacts
@@ -15,20 +16,6 @@ from sdaot.runtime.cli import main
 from sdaot.runtime.errors import BackendUnavailableError
 from sdaot.runtime.loader import load_pipeline
 from sdaot.runtime.request import parse_request
-
-FAMILIES = ["SD1.5", "SD2", "SDXL1.0-base"]
-
-
-@pytest.fixture(scope="session")
-def compiled_root(tmp_path_factory):
-    """One real `sdaot compile` per family at 64x64 (all components), shared by the tests below."""
-    root = tmp_path_factory.mktemp("artifacts")
-    for model in FAMILIES:
-        result = CliRunner().invoke(main, ["compile", "--model", model, "--weights", "tiny", "--resolution", "64x64",
-                                           "--out", str(root)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        assert "[1/" in result.output and "built TVM library" in result.output
-    return root
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:

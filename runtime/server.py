@@ -1,0 +1,261 @@
+"""`sdaot serve`: the reference image-generation API over HTTP (FastAPI), with auth, limits and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api_schema import ApiGenerationRequest
+from .errors import SdaotError
+from .images import decode_image, encode_image
+from .pipeline import Pipeline
+from .registry import get_model
+from .request import parse_request
+
+log = logging.getLogger("sdaot.server")
+
+
+@dataclass
+class ServerConfig:
+    """Everything `sdaot serve` can be told; defaults serve the tiny demo models on one worker."""
+
+    models: list[str] = field(default_factory=lambda: ["SD1.5", "SDXL1.0-base", "SDXL-turbo"])
+    weights: str = "tiny"
+    artifacts_root: Path | None = None
+    api_keys: list[str] = field(default_factory=list)
+    workers: int = 1
+    queue_size: int = 4
+    timeout_s: float = 300.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 2048 * 2048
+
+
+class Cancelled(Exception):
+    """Raised inside a generation whose request timed out or whose client went away."""
+
+
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
+    """The reference API's error shape: {object, message, type, param, code}."""
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable", 504: "timeout_error"}
+    body = {"object": "error", "message": message, "type": kind or kinds.get(status, "api_error"), "param": param,
+            "code": status}
+    return JSONResponse(body, status_code=status)
+
+
+class Server:
+    """The app state: pipelines, the bounded worker pool and the metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.pipelines: dict[str, Pipeline] = {}
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="sdaot-worker")
+        self.admitted = 0
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sdaot_requests", "HTTP requests by status", ["status"], registry=self.registry)
+        self.latency = Histogram("sdaot_request_seconds", "Generation request latency", registry=self.registry,
+                                 buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.queue_depth = Gauge("sdaot_queue_depth", "Requests admitted and not finished", registry=self.registry)
+        self.step_time = Histogram("sdaot_step_seconds", "Sampler step time by UNet backend", ["backend"],
+                                   registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30))
+
+    def load(self) -> None:
+        """Load every configured model (with the refiner where one exists for SDXL and the source allows)."""
+        from .loader import load_pipeline
+
+        try:
+            for name in self.config.models:
+                spec = get_model(name)
+                refiner = spec.refiner is not None and self.config.weights in ("tiny", "random")
+                self.pipelines[spec.name] = load_pipeline(spec.name, self.config.weights, with_refiner=refiner,
+                                                          artifacts_root=self.config.artifacts_root)
+                compiled = self.pipelines[spec.name].selector.compiled_resolutions()
+                log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
+                         ", ".join(compiled) or "none compiled")
+            self.ready.set()
+        except SdaotError as exc:
+            self.load_error = str(exc)
+            log.error("cannot load models: %s", exc)
+
+    def authorized(self, request: Request) -> bool:
+        """Bearer key check in constant time; open when no keys are configured (loopback only)."""
+        if not self.config.api_keys:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in self.config.api_keys]
+        return any(matches)
+
+    def run(self, pipe: Pipeline, req: Any, cancel: threading.Event):
+        """Worker-thread body: skip work whose client is gone, stop between steps when cancelled."""
+        if cancel.is_set():
+            raise Cancelled()
+        last = [time.perf_counter()]
+        backend = []
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if backend:
+                self.step_time.labels(backend[0]).observe(now - last[0])
+            last[0] = now
+            if cancel.is_set():
+                raise Cancelled()
+
+        plan = pipe.plan(req)
+        backend.append(pipe.components(plan)["unet"].backend)
+        return pipe.generate(req, progress=progress)
+
+
+def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
+    """The FastAPI app; models load in a background thread so /healthz answers at once."""
+    server = Server(config)
+    app = FastAPI(title="sdaot", version="0.1.0",
+                  description="Stable Diffusion with ahead-of-time compiled TVM backends and a PyTorch fallback.")
+    app.state.server = server
+
+    @app.on_event("startup")
+    async def _start() -> None:
+        if load_in_background:
+            threading.Thread(target=server.load, daemon=True).start()
+        else:
+            server.load()
+
+    @app.on_event("shutdown")
+    async def _stop() -> None:
+        server.pool.shutdown(wait=True, cancel_futures=True)
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            response = error_body(413, f"request body is over {config.max_body_bytes} bytes", None)
+        elif request.url.path.startswith("/v1/") and not server.authorized(request):
+            response = error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization")
+        else:
+            response = await call_next(request)
+        if request.url.path.startswith("/v1/image"):
+            server.requests.labels(str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return error_body(400, f"body is not valid JSON: {err.get('msg')}", None)
+        message = err.get("msg", "invalid value").removeprefix("Value error, ")
+        return error_body(422, f"{'.'.join(loc) or 'body'}: {message}", ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_body(exc.status_code, str(exc.detail), None)
+
+    @app.exception_handler(SdaotError)
+    async def _sdaot(request: Request, exc: SdaotError):
+        return error_body(exc.status_code, exc.message, exc.param, exc.error_type)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Alive (the process answers)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Ready once every configured model is loaded."""
+        if server.ready.is_set():
+            return {"status": "ready", "models": list(server.pipelines)}
+        return error_body(503, server.load_error or "models are still loading", None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """Served models with family, weight source and compiled resolutions per backend."""
+        rows = []
+        for name, pipe in server.pipelines.items():
+            compiled = pipe.selector.compiled_resolutions()
+            rows.append({"name": name, "family": pipe.spec.family, "weights": pipe.bundle.source,
+                         "native_resolution": "x".join(map(str, pipe.spec.native_resolution[::-1])),
+                         "default_tvm_resolutions": list(pipe.spec.tvm_resolutions),
+                         "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"}})
+        return {"object": "list", "data": rows}
+
+    @app.post("/v1/image/generation")
+    async def generation(body: ApiGenerationRequest, request: Request):
+        """Generate images: the reference API's request and response."""
+        if not server.ready.is_set():
+            return error_body(503, server.load_error or "models are still loading", None)
+        spec = get_model(body.model_name)
+        pipe = server.pipelines.get(spec.name)
+        if pipe is None:
+            return error_body(404, f"model {spec.name} is not served here; served: {', '.join(server.pipelines)}",
+                              "model_name")
+        fields = body.model_dump(exclude={"output_format"}, exclude_none=True)
+        for key in ("image", "controlnet_image"):
+            if key in fields:
+                fields[key] = decode_image(fields[key], key, config.max_pixels)
+        req = parse_request(fields)
+        pipe.plan(req)
+        if server.admitted >= config.workers + config.queue_size:
+            response = error_body(429, "the server is busy: queue is full, retry later", None)
+            response.headers["Retry-After"] = "5"
+            return response
+        server.admitted += 1
+        server.queue_depth.set(server.admitted)
+        cancel = threading.Event()
+        start = time.perf_counter()
+        try:
+            future = asyncio.wrap_future(server.pool.submit(server.run, pipe, req, cancel))
+            watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+            try:
+                result = await asyncio.wait_for(future, timeout=config.timeout_s)
+            except asyncio.TimeoutError:
+                cancel.set()
+                return error_body(504, f"generation took longer than {config.timeout_s:.0f} s and was cancelled",
+                                  None)
+            except Cancelled:
+                return error_body(499 if await request.is_disconnected() else 504, "generation cancelled", None)
+            finally:
+                watcher.cancel()
+        finally:
+            server.admitted -= 1
+            server.queue_depth.set(server.admitted)
+        server.latency.observe(time.perf_counter() - start)
+        images = [{"image": encode_image(img, body.output_format), "index": i, "random_seed": seed}
+                  for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True))]
+        return {"images": images, "inference_time": round(result.inference_time, 4), "backends": result.backends,
+                "model_name": spec.name, "width": result.plan.width, "height": result.plan.height,
+                "steps": result.plan.steps, "sampler": result.plan.sampler.name,
+                "output_format": body.output_format}
+
+    return app
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Drop queued or running work of a client that went away."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.5)

@@ -1,0 +1,197 @@
+"""The HTTP API over a real uvicorn on a loopback port, talked to with an HTTP client."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ERROR_KEYS = {"object", "message", "type", "param", "code"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(extra_args, env_extra=None):
+    port = free_port()
+    env = dict(os.environ, SDAOT_API_KEYS=KEY, **(env_extra or {}))
+    cmd = [sys.executable, "-m", "sdaot.runtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           *extra_args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def server(compiled_root):
+    proc, url = start_server(["--models", "SD1.5,SDXL1.0-base", "--artifacts", str(compiled_root)])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def post(url, body, headers=AUTH, timeout=600):
+    return httpx.post(f"{url}/v1/image/generation", json=body, headers=headers, timeout=timeout)
+
+
+def assert_error(resp, status, param=None):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == ERROR_KEYS and body["object"] == "error" and body["code"] == status
+    if param:
+        assert body["param"] == param, body
+    return body
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_reference_example_request_answers_a_1024_image(server):
+    body = {"model_name": "SDXL1.0-base", "prompt": "a photo of an astronaut riding a horse on mars",
+            "height": 1024, "width": 1024, "backend": "auto"}
+    resp = post(server, body)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert set(data) >= {"images", "inference_time"}
+    image = data["images"][0]
+    assert set(image) == {"image", "index", "random_seed"} and image["index"] == 0
+    img = decode(image["image"])
+    assert img.format == "PNG" and img.size == (1024, 1024)
+    assert data["backends"]["unet"] == "torch"
+
+
+def test_tvm_and_torch_backends_both_answer(server):
+    for backend in ("tvm", "torch", "onnxruntime"):
+        resp = post(server, {"model_name": "SD1.5", "prompt": "a red cube", "height": 64, "width": 64, "steps": 2,
+                             "seed": 3, "backend": backend, "output_format": "jpeg"})
+        assert resp.status_code == 200, resp.text
+        assert set(resp.json()["backends"].values()) == {backend}
+        img = decode(resp.json()["images"][0]["image"])
+        assert img.format == "JPEG" and img.size == (64, 64)
+    missing = post(server, {"model_name": "SD1.5", "prompt": "x", "height": 72, "width": 64, "backend": "tvm"})
+    assert "64x64" in assert_error(missing, 400, "backend")["message"]
+
+
+def test_img2img_with_a_data_url(server):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    resp = post(server, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 2,
+                         "image": data_url, "strength": 0.5})
+    assert resp.status_code == 200, resp.text
+
+
+def test_auth(server):
+    body = {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1}
+    assert_error(post(server, body, headers={}), 401)
+    assert_error(post(server, body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("patch", "status", "param"),
+    [
+        ({"height": 65}, 422, "height"),
+        ({"strength": 1.5}, 422, "strength"),
+        ({"steps": 0}, 422, "steps"),
+        ({"num_images": 9}, 422, "num_images"),
+        ({"backend": "gpu"}, 422, "backend"),
+        ({"surprise": 1}, 422, "surprise"),
+        ({"model_name": "SD9"}, 404, "model_name"),
+        ({"sampler": "Eulr"}, 400, "sampler"),
+        ({"style_preset": "Cubism"}, 400, "style_preset"),
+        ({"image": "not base64!!"}, 400, "image"),
+        ({"image": base64.b64encode(b"hello world, not an image").decode()}, 400, "image"),
+        ({"enable_refiner": True}, 400, "enable_refiner"),
+    ],
+)
+def test_invalid_fields_get_a_json_error_naming_the_field(server, patch, status, param):
+    body = {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1} | patch
+    body = {k: v for k, v in body.items()}
+    assert_error(post(server, body), status, param)
+
+
+def test_malformed_body_oversized_body_and_decompression_bomb(server):
+    resp = httpx.post(f"{server}/v1/image/generation", content=b"{not json", headers=AUTH | {
+        "Content-Type": "application/json"})
+    assert_error(resp, 400)
+    huge = {"model_name": "SD1.5", "prompt": "x" * (21 * 1024 * 1024)}
+    assert_error(post(server, huge), 413)
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")
+    bomb = base64.b64encode(buf.getvalue()).decode()
+    body = assert_error(post(server, {"model_name": "SD1.5", "prompt": "x", "image": bomb}), 400, "image")
+    assert "5000x5000" in body["message"]
+
+
+def test_models_readiness_and_metrics(server):
+    models = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"]
+    sd15 = next(m for m in models if m["name"] == "SD1.5")
+    assert sd15["compiled_resolutions"]["tvm"] == ["64x64"] and sd15["family"] == "sd1"
+    assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "sdaot_requests_total" in metrics and "sdaot_queue_depth" in metrics
+    assert "sdaot_step_seconds_bucket" in metrics
+    assert httpx.get(f"{server}/docs").status_code == 200
+
+
+def test_refuses_non_loopback_without_keys():
+    env = {k: v for k, v in os.environ.items() if k != "SDAOT_API_KEYS"}
+    done = subprocess.run([sys.executable, "-m", "sdaot.runtime.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "without API keys" in done.stderr
+
+
+def test_queue_overflow_answers_429_and_accepted_requests_complete():
+    proc, url = start_server(["--models", "SD1.5", "--workers", "1", "--queue-size", "1"])
+    try:
+        body = {"model_name": "SD1.5", "prompt": "x", "height": 256, "width": 256, "steps": 12}
+        rss = []
+        for _round in range(3):
+            results = []
+
+            def call():
+                results.append(post(url, body))
+
+            threads = [threading.Thread(target=call) for _ in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            codes = sorted(r.status_code for r in results)
+            assert codes.count(429) >= 1 and codes.count(200) >= 2, codes
+            assert set(codes) <= {200, 429}
+            for r in results:
+                if r.status_code == 429:
+                    assert r.headers["Retry-After"]
+                    assert_error(r, 429)
+            rss.append(psutil.Process(proc.pid).memory_info().rss)
+        assert rss[-1] - rss[0] < 300 * 1024 * 1024, rss
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
