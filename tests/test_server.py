@@ -173,12 +173,8 @@ def test_queue_overflow_answers_429_and_accepted_requests_complete():
         body = {"model_name": "SD1.5", "prompt": "x", "height": 256, "width": 256, "steps": 12}
         rss = []
         for _round in range(3):
-            results = []
-
-            def call():
-                results.append(post(url, body))
-
-            threads = [threading.Thread(target=call) for _ in range(5)]
+            results: list[httpx.Response] = []
+            threads = [threading.Thread(target=lambda out=results: out.append(post(url, body))) for _ in range(5)]
             for t in threads:
                 t.start()
             for t in threads:
