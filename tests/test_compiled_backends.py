@@ -116,6 +116,7 @@ def test_killed_compile_leaves_nothing_loadable(tmp_path):
 
 def test_runtime_imports_without_compiler_or_onnx():
     code = ("import sys; sys.modules['onnx'] = None; sys.modules['sdaot.compiler'] = None; "
-            "sys.modules['onnxslim'] = None; import sdaot.runtime.pipeline, sdaot.runtime.selection, sdaot.runtime.compiled, sdaot.runtime.cli")
+            "sys.modules['onnxslim'] = None; "
+            "import sdaot.runtime.pipeline, sdaot.runtime.selection, sdaot.runtime.compiled, sdaot.runtime.cli")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
