@@ -120,3 +120,14 @@ def test_runtime_imports_without_compiler_or_onnx():
             "import sdaot.runtime.pipeline, sdaot.runtime.selection, sdaot.runtime.compiled, sdaot.runtime.cli")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_cuda_target_builds_without_a_gpu_and_cpu_runs_ignore_it(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "--model", "SD1.5", "--components", "text_encoder", "--target",
+                                       "cuda", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (artifact,) = list_artifacts(tmp_path)
+    assert artifact.target_key == "cuda-sm_90" and artifact.manifest["target"]["kind"] == "cuda"
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
+    used = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=1))).backends
+    assert used["text_encoder"] == "torch"
