@@ -89,9 +89,9 @@ class Server:
                 log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
                          ", ".join(compiled) or "none compiled")
             self.ready.set()
-        except SdaotError as exc:
-            self.load_error = str(exc)
-            log.error("cannot load models: %s", exc)
+        except Exception as exc:  # any load failure must surface as 503 + message, not a silent thread death
+            self.load_error = f"cannot load models: {exc}"
+            log.error(self.load_error)
 
     def authorized(self, request: Request) -> bool:
         """Bearer key check in constant time; open when no keys are configured (loopback only)."""
@@ -200,6 +200,21 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                          "default_tvm_resolutions": list(pipe.spec.tvm_resolutions),
                          "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"}})
         return {"object": "list", "data": rows}
+
+    @app.get("/v1/samplers")
+    async def samplers() -> dict:
+        """Sampler names accepted in `sampler`, with the diffusers scheduler and options each one uses."""
+        from .samplers import SAMPLERS
+
+        return {"object": "list", "data": [{"name": s.name, "scheduler": s.scheduler, "options": s.options}
+                                           for s in SAMPLERS.values()]}
+
+    @app.get("/v1/style-presets")
+    async def style_presets() -> dict:
+        """Style preset names accepted in `style_preset`, with their templates."""
+        from .presets import presets
+
+        return {"object": "list", "data": [{"name": name, **template} for name, template in presets().items()]}
 
     @app.post("/v1/image/generation")
     async def generation(body: ApiGenerationRequest, request: Request):

@@ -12,11 +12,11 @@ from diffusers import (
 from PIL import Image
 
 from sdaot.runtime.request import parse_request
-from sdaot.runtime.samplers import get_sampler, make_scheduler
+from sdaot.runtime.samplers import SAMPLERS, get_sampler, make_scheduler
 from sdaot.runtime.weights import tiny_folder
 
 FAMILIES = ["SD1.5", "SD2", "SDXL1.0-base"]
-SAMPLERS = ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "Heun"]
+FIVE_SAMPLERS = ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "Heun"]
 
 
 def reference_pipeline(spec, img2img: bool):
@@ -37,7 +37,7 @@ def max_abs_diff(a: Image.Image, b: Image.Image) -> int:
 def test_txt2img_matches_diffusers(pipelines, model):
     ours = pipelines(model)
     ref = reference_pipeline(ours.spec, img2img=False)
-    for sampler in SAMPLERS:
+    for sampler in FIVE_SAMPLERS:
         req = parse_request(dict(model_name=model, prompt="a red cube on a table", negative_prompt="blurry",
                                  height=64, width=64, steps=3, seed=11, sampler=sampler))
         got = ours.generate(req)
@@ -75,3 +75,22 @@ def test_sdxl_without_negative_prompt_uses_zero_uncond_like_diffusers(pipelines)
     want = ref(prompt="x", height=64, width=64, num_inference_steps=2, guidance_scale=got.plan.cfg_scale,
                generator=torch.Generator().manual_seed(1)).images[0]
     assert max_abs_diff(got.images[0], want) <= 1
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_name_uses_its_scheduler_and_matches_diffusers(pipelines, name):
+    ours = pipelines("SD1.5")
+    spec = get_sampler(name.upper().replace(" ", "_"))
+    assert spec.name == name
+    scheduler = make_scheduler(spec, ours.spec.scheduler_config, seed=7)
+    assert type(scheduler).__name__ == spec.scheduler
+    for key, value in spec.options.items():
+        assert scheduler.config[key] == value
+    got = ours.generate(parse_request(dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=4,
+                                           seed=7, sampler=name)))
+    assert np.isfinite(np.asarray(got.images[0])).all()
+    ref = reference_pipeline(ours.spec, img2img=False)
+    ref.scheduler = scheduler
+    want = ref(prompt="a red cube", height=64, width=64, num_inference_steps=4, guidance_scale=got.plan.cfg_scale,
+               generator=torch.Generator().manual_seed(7)).images[0]
+    assert max_abs_diff(got.images[0], want) <= 1, name

@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(extra_args, env_extra=None):
+def start_server(extra_args, env_extra=None, wait_for="/readyz"):
     port = free_port()
     env = dict(os.environ, SDAOT_API_KEYS=KEY, **(env_extra or {}))
     cmd = [sys.executable, "-m", "sdaot.runtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -35,7 +35,7 @@ def start_server(extra_args, env_extra=None):
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -153,6 +153,11 @@ def test_models_readiness_and_metrics(server):
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"]
     sd15 = next(m for m in models if m["name"] == "SD1.5")
     assert sd15["compiled_resolutions"]["tvm"] == ["64x64"] and sd15["family"] == "sd1"
+    assert sd15["default_tvm_resolutions"] == ["512x512", "512x768", "768x512"]
+    sdxl = next(m for m in models if m["name"] == "SDXL1.0-base")
+    assert len(sdxl["default_tvm_resolutions"]) == 9 and "1024x1024" in sdxl["default_tvm_resolutions"]
+    assert_error(httpx.get(f"{server}/v1/nothing", headers=AUTH), 404)
+    assert_error(httpx.get(f"{server}/v1/image/generation", headers=AUTH), 405)
     assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
     metrics = httpx.get(f"{server}/metrics").text
     assert "sdaot_requests_total" in metrics and "sdaot_queue_depth" in metrics
@@ -188,6 +193,65 @@ def test_queue_overflow_answers_429_and_accepted_requests_complete():
                     assert_error(r, 429)
             rss.append(psutil.Process(proc.pid).memory_info().rss)
         assert rss[-1] - rss[0] < 300 * 1024 * 1024, rss
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_every_sampler_and_preset_name_is_accepted_and_near_misses_list_the_valid_ones(server):
+    samplers = httpx.get(f"{server}/v1/samplers", headers=AUTH).json()["data"]
+    presets = httpx.get(f"{server}/v1/style-presets", headers=AUTH).json()["data"]
+    assert len(samplers) == 27 and len(presets) == 78
+    base = {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 2}
+    for entry in samplers:
+        sent = entry["name"].lower().replace(" ", "_")
+        resp = post(server, base | {"sampler": sent})
+        assert resp.status_code == 200, (entry["name"], resp.text)
+        assert resp.json()["sampler"] == entry["name"]
+    for entry in presets:
+        resp = post(server, base | {"style_preset": entry["name"].lower(), "steps": 1})
+        assert resp.status_code == 200, (entry["name"], resp.text)
+    wrong = assert_error(post(server, base | {"sampler": "Euler b"}), 400, "sampler")
+    assert all(entry["name"] in wrong["message"] for entry in samplers)
+    wrong = assert_error(post(server, base | {"style_preset": "Animee"}), 400, "style_preset")
+    assert "Neon Punk" in wrong["message"] and "Tilt-Shift" in wrong["message"]
+
+
+def test_response_shape_key_by_key(server):
+    resp = post(server, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1, "seed": 5,
+                         "num_images": 2, "output_format": "webp"})
+    data = resp.json()
+    assert isinstance(data["inference_time"], float) and data["inference_time"] > 0
+    assert [img["index"] for img in data["images"]] == [0, 1]
+    assert [img["random_seed"] for img in data["images"]] == [5, 6]
+    for img in data["images"]:
+        assert set(img) == {"image", "index", "random_seed"}
+        assert decode(img["image"]).format == "WEBP"
+    assert set(data) - {"images", "inference_time"} <= {"backends", "model_name", "width", "height", "steps",
+                                                         "sampler", "output_format"}
+
+
+def test_missing_weights_answer_503_with_the_reason():
+    proc, url = start_server(["--models", "SD1.5", "--weights", "/nonexistent/weights"], wait_for="/healthz")
+    try:
+        deadline = time.time() + 60
+        while "not found" not in httpx.get(f"{url}/readyz").text and time.time() < deadline:
+            time.sleep(0.5)
+        body = assert_error(httpx.get(f"{url}/readyz"), 503)
+        assert "/nonexistent/weights" in body["message"] and "--weights tiny" in body["message"]
+        assert_error(post(url, {"model_name": "SD1.5", "prompt": "x"}), 503)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_a_request_over_the_time_limit_answers_504_and_frees_the_worker():
+    proc, url = start_server(["--models", "SD1.5", "--timeout", "1"])
+    try:
+        slow = {"model_name": "SD1.5", "prompt": "x", "height": 512, "width": 512, "steps": 50}
+        assert_error(post(url, slow), 504)
+        quick = post(url, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1})
+        assert quick.status_code == 200, quick.text
     finally:
         proc.terminate()
         proc.wait(timeout=60)
