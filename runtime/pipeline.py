@@ -141,14 +141,15 @@ class Pipeline:
         comps = self.components(plan)
         used: dict[str, str] = {}
         denoising_end = 1.0 - req.refiner_fraction if req.enable_refiner else None
-        latents = self._sample(plan, comps, used, progress, denoising_end=denoising_end)
+        generators = [torch.Generator().manual_seed(s) for s in plan.seeds]
+        latents = self._sample(plan, comps, used, progress, generators, denoising_end=denoising_end)
         pipe = self
         if req.enable_refiner:
             assert self.refiner is not None
             pipe = self.refiner
             refiner_comps = self.refiner.components(plan)
             refiner_used: dict[str, str] = {}
-            latents = self.refiner._sample(plan, refiner_comps, refiner_used, progress, latents=latents,
+            latents = self.refiner._sample(plan, refiner_comps, refiner_used, progress, generators, latents=latents,
                                            denoising_start=denoising_end)
             used.update({f"refiner.{k}": v for k, v in refiner_used.items()})
             comps = refiner_comps
@@ -177,14 +178,14 @@ class Pipeline:
             return {"encoder_hidden_states": embeds.repeat(n, 1, 1)}
 
         encoders = self.spec.text_encoders
-        prompts = [plan.prompt, plan.prompt_2 or plan.prompt][-len(encoders):]
+        prompts = [plan.prompt, plan.prompt_2 or plan.prompt][: len(encoders)]
         embeds, pooled = self._encode_sdxl(prompts, comps, used)
         if plan.do_cfg:
             if plan.negative_prompt is None and self.spec.force_zeros_for_empty_prompt:
                 neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
             else:
                 negative = plan.negative_prompt or ""
-                negs = [negative, plan.negative_prompt_2 or negative][-len(encoders):]
+                negs = [negative, plan.negative_prompt_2 or negative][: len(encoders)]
                 neg, neg_pooled = self._encode_sdxl(negs, comps, used)
         time_ids, neg_time_ids = self._time_ids(plan)
         cond = {
@@ -214,11 +215,14 @@ class Pipeline:
             pos = neg = list(size + (0, 0) + size)
         return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)
 
-    def _sample(self, plan: Plan, comps, used, progress: Progress | None, latents: torch.Tensor | None = None,
-                denoising_start: float | None = None, denoising_end: float | None = None) -> torch.Tensor:
-        """Prepare latents (noise, or an encoded image plus noise) and run the sampler loop over them."""
+    def _sample(self, plan: Plan, comps, used, progress: Progress | None, generators: list[torch.Generator],
+                latents: torch.Tensor | None = None, denoising_start: float | None = None,
+                denoising_end: float | None = None) -> torch.Tensor:
+        """Prepare latents (noise, or an encoded image plus noise) and run the sampler loop over them.
+
+        The generators carry on from base to refiner, as they do in diffusers' base + refiner flow.
+        """
         req = plan.request
-        generators = [torch.Generator().manual_seed(s) for s in plan.seeds]
         scheduler = make_scheduler(plan.sampler, self.spec.scheduler_config, seed=plan.seeds[0])
         try:
             scheduler.set_timesteps(plan.steps)

@@ -94,3 +94,26 @@ def test_every_sampler_name_uses_its_scheduler_and_matches_diffusers(pipelines, 
     want = ref(prompt="a red cube", height=64, width=64, num_inference_steps=4, guidance_scale=got.plan.cfg_scale,
                generator=torch.Generator().manual_seed(7)).images[0]
     assert max_abs_diff(got.images[0], want) <= 1, name
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M Karras"])
+def test_base_plus_refiner_matches_diffusers_ensemble_flow(pipelines, sampler):
+    from sdaot.runtime.registry import get_model
+
+    ours = pipelines("SDXL1.0-base", refiner=True)
+    got = ours.generate(parse_request(dict(model_name="SDXL1.0-base", prompt="a red cube", prompt_2="cubes",
+                                           negative_prompt="blur", height=64, width=64, steps=10, seed=3,
+                                           sampler=sampler, enable_refiner=True, refiner_fraction=0.2)))
+    assert got.backends["refiner.unet"] == "torch"
+    base = reference_pipeline(ours.spec, img2img=False)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tiny_folder(get_model("SDXL1.0-refiner"))),
+                                                               local_files_only=True)
+    refiner.set_progress_bar_config(disable=True)
+    base.scheduler = make_scheduler(get_sampler(sampler), ours.spec.scheduler_config)
+    refiner.scheduler = make_scheduler(get_sampler(sampler), ours.spec.scheduler_config)
+    generator = torch.Generator().manual_seed(3)
+    common = dict(prompt="a red cube", prompt_2="cubes", negative_prompt="blur", num_inference_steps=10,
+                  guidance_scale=got.plan.cfg_scale, generator=generator)
+    latents = base(height=64, width=64, denoising_end=0.8, output_type="latent", **common).images
+    want = refiner(image=latents, denoising_start=0.8, **common).images[0]
+    assert max_abs_diff(got.images[0], want) <= 1
