@@ -83,6 +83,17 @@ def _read_image(path: str):
         raise InvalidRequestError(f"cannot read image file {path!r}: {exc}", param="image") from exc
 
 
+def _parse_loras(specs: tuple[str, ...]) -> dict[str, float]:
+    loras = {}
+    for spec in specs:
+        name, sep, weight = spec.partition("=")
+        try:
+            loras[name.strip()] = float(weight) if sep else 1.0
+        except ValueError as exc:
+            raise InvalidRequestError(f"--lora takes NAME=WEIGHT (got {spec!r})", param="loras") from exc
+    return loras
+
+
 def _output_paths(output: str, count: int) -> list[Path]:
     path = Path(output)
     if path.suffix.lower() not in IMAGE_FORMATS:
@@ -117,9 +128,12 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--backend", default="auto", show_default=True, help="auto | tvm | torch | onnxruntime")
 @click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
               help="Compiled artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
+@click.option("--lora", "lora_specs", multiple=True, help="NAME=WEIGHT, repeatable (LoRA files in --lora-dir).")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
-             artifacts_root: Path | None, **params) -> None:
+             artifacts_root: Path | None, lora_specs: tuple[str, ...], lora_dir: Path | None, **params) -> None:
     """Generate images from a prompt (txt2img, or img2img with --image)."""
     from tqdm import tqdm
 
@@ -130,10 +144,12 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     data["model_name"] = model_name
     if image_path is not None:
         data["image"] = _read_image(image_path)
+    if lora_specs:
+        data["loras"] = _parse_loras(lora_specs)
     req = parse_request(data)
     paths = _output_paths(output, req.num_images)
     pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights,
-                         artifacts_root=artifacts_root)
+                         artifacts_root=artifacts_root, lora_folder=lora_dir)
     pipe.plan(req)
     with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
@@ -246,8 +262,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--api-key-file", type=click.Path(exists=True, path_type=Path), default=None,
               help="File with one API key per line (also: SDAOT_API_KEYS, comma-separated).")
 @click.option("--insecure-no-auth", is_flag=True, help="Allow serving a non-loopback address without API keys.")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
 def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
-          queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool) -> None:
+          queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool,
+          lora_dir: Path | None) -> None:
     """Serve POST /v1/image/generation (the reference API) plus /v1/models, /healthz, /readyz, /metrics."""
     import logging
 
@@ -271,7 +290,7 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
         raise InvalidRequestError("workers must be >= 1 and queue-size >= 0", param="workers")
     names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
     config = ServerConfig(models=names, weights=weights, artifacts_root=artifacts_root, api_keys=keys,
-                          workers=workers, queue_size=queue_size, timeout_s=timeout_s)
+                          workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir)
     uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import diffusers
 import transformers
 
+from .lora import lora_dir
 from .pipeline import Pipeline
 from .registry import get_model
 from .weights import load_weights
@@ -23,7 +24,8 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = False,
-                  refiner_weights: str | None = None, artifacts_root: Path | None = None) -> Pipeline:
+                  refiner_weights: str | None = None, artifacts_root: Path | None = None,
+                  lora_folder: Path | None = None) -> Pipeline:
     """Load a model's networks from `weights` and wrap them in a Pipeline (plus the SDXL refiner if asked)."""
     quiet_libraries()
     spec = get_model(model_name)
@@ -33,7 +35,8 @@ def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = F
         refiner_source = refiner_weights or _shared_source(weights, "refiner_weights")
         refiner = Pipeline(load_weights(refiner_spec, refiner_source), artifacts_root=artifacts_root)
     log.info("loading %s from %s weights", spec.name, weights)
-    return Pipeline(load_weights(spec, weights), refiner=refiner, artifacts_root=artifacts_root)
+    return Pipeline(load_weights(spec, weights), refiner=refiner, artifacts_root=artifacts_root,
+                    lora_folder=lora_dir(lora_folder))
 
 
 def _shared_source(weights: str, flag: str) -> str:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .components import Component, TorchComponent, component_modules
 from .errors import InvalidRequestError
+from .lora import LoraMerger
 from .presets import apply_preset
 from .registry import ModelSpec
 from .request import MAX_SEED, GenerationRequest
@@ -49,6 +50,7 @@ class Plan:
     negative_prompt: str | None
     prompt_2: str | None
     negative_prompt_2: str | None
+    loras: dict[str, float] = field(default_factory=dict)
 
     @property
     def do_cfg(self) -> bool:
@@ -71,12 +73,13 @@ class Pipeline:
     """Generates images for one model; the refiner pipeline, when given, serves `enable_refiner`."""
 
     def __init__(self, bundle: ModelBundle, refiner: Pipeline | None = None,
-                 artifacts_root: Path | None = None) -> None:
+                 artifacts_root: Path | None = None, lora_folder: Path | None = None) -> None:
         self.bundle = bundle
         self.spec: ModelSpec = bundle.spec
         self.refiner = refiner
         self.torch_components = {n: TorchComponent(n, m) for n, m in component_modules(bundle).items()}
         self.selector = ComponentSelector(self.spec.name, self.torch_components, artifacts_root)
+        self.loras = LoraMerger(bundle, lora_folder)
         self.image_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE)
         self.scaling_factor = bundle.vae.config.scaling_factor
 
@@ -86,8 +89,6 @@ class Pipeline:
         spec = self.spec
         if req.controlnet_name or req.controlnet_image is not None:
             raise InvalidRequestError("ControlNet is not available in this version of sdaot", param="controlnet_name")
-        if req.loras:
-            raise InvalidRequestError("LoRA is not available in this version of sdaot", param="loras")
         if req.image is not None and not isinstance(req.image, Image.Image):
             raise InvalidRequestError("image must be a decoded image", param="image")
         if req.enable_refiner and self.refiner is None:
@@ -110,7 +111,8 @@ class Pipeline:
         if req.style_preset and prompt_2 is not None:
             prompt_2, _ = apply_preset(req.style_preset, prompt_2, None)
         return Plan(req, height, width, steps, req.cfg_scale if req.cfg_scale is not None else spec.default_cfg_scale,
-                    sampler, seeds, prompt, negative, prompt_2, req.negative_prompt_2)
+                    sampler, seeds, prompt, negative, prompt_2, req.negative_prompt_2,
+                    self.loras.validate(req.loras or {}))
 
     def _size(self, req: GenerationRequest) -> tuple[int, int]:
         if req.image is not None and (req.height is None or req.width is None):
@@ -137,6 +139,12 @@ class Pipeline:
     def generate(self, req: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         """Run one request end to end and return its images (PIL, RGB)."""
         plan = self.plan(req)
+        with self.loras.lock:
+            self.loras.apply(plan.loras)
+            return self._generate(plan, progress)
+
+    def _generate(self, plan: Plan, progress: Progress | None) -> GenerationResult:
+        req = plan.request
         start = time.perf_counter()
         comps = self.components(plan)
         used: dict[str, str] = {}

@@ -41,6 +41,7 @@ class ServerConfig:
     timeout_s: float = 300.0
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 2048 * 2048
+    lora_folder: Path | None = None
 
 
 class Cancelled(Exception):
@@ -84,7 +85,8 @@ class Server:
                 spec = get_model(name)
                 refiner = spec.refiner is not None and self.config.weights in ("tiny", "random")
                 self.pipelines[spec.name] = load_pipeline(spec.name, self.config.weights, with_refiner=refiner,
-                                                          artifacts_root=self.config.artifacts_root)
+                                                          artifacts_root=self.config.artifacts_root,
+                                                          lora_folder=self.config.lora_folder)
                 compiled = self.pipelines[spec.name].selector.compiled_resolutions()
                 log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
                          ", ".join(compiled) or "none compiled")
@@ -198,7 +200,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             rows.append({"name": name, "family": pipe.spec.family, "weights": pipe.bundle.source,
                          "native_resolution": "x".join(map(str, pipe.spec.native_resolution[::-1])),
                          "default_tvm_resolutions": list(pipe.spec.tvm_resolutions),
-                         "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"}})
+                         "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"},
+                         "loras": pipe.loras.names()})
         return {"object": "list", "data": rows}
 
     @app.get("/v1/samplers")

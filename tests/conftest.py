@@ -6,8 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 _CACHE = Path(tempfile.mkdtemp(prefix="sdaot-test-cache-"))
 os.environ.setdefault("SDAOT_CACHE", str(_CACHE))
@@ -44,3 +46,9 @@ def compiled_root(tmp_path_factory):
         assert result.exit_code == 0, result.output
         assert "[1/" in result.output and "built TVM library" in result.output
     return root
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((x - y) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FAMILIES
+from conftest import FAMILIES, psnr
 from PIL import Image
 
 from sdaot.runtime.artifacts import list_artifacts
@@ -16,12 +16,6 @@ from sdaot.runtime.cli import main
 from sdaot.runtime.errors import BackendUnavailableError
 from sdaot.runtime.loader import load_pipeline
 from sdaot.runtime.request import parse_request
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((x - y) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 def test_artifacts_are_listed_with_manifest_fields(compiled_root):

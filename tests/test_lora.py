@@ -1,0 +1,107 @@
+"""LoRA: merged into the shared weights on every backend, restored exactly, no rebuild, no model copy."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import psnr
+from safetensors.torch import save_file
+
+from sdaot.runtime.cli import main
+from sdaot.runtime.errors import InvalidRequestError
+from sdaot.runtime.loader import load_pipeline
+from sdaot.runtime.request import parse_request
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
+
+
+def make_loras(folder):
+    """A kohya-named LoRA (alpha scaling, UNet + text encoder), a PEFT-named one, and one for another model."""
+    folder.mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    kohya = {}
+    for module, width in ((f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q", 32),
+                          (f"lora_unet_{ATTN.replace('.', '_')}_ff_net_2", 32),
+                          ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 32)):
+        rank = 4
+        inner = 128 if module.endswith("ff_net_2") else width
+        kohya[f"{module}.lora_down.weight"] = torch.randn(rank, inner, generator=gen)
+        kohya[f"{module}.lora_up.weight"] = torch.randn(width, rank, generator=gen) * 0.5
+        kohya[f"{module}.alpha"] = torch.tensor(2.0)
+    save_file(kohya, str(folder / "Pixel_Art.safetensors"))
+    peft = {f"unet.{ATTN}.attn2.to_v.lora_A.weight": torch.randn(4, 32, generator=gen),
+            f"unet.{ATTN}.attn2.to_v.lora_B.weight": torch.randn(32, 4, generator=gen)}
+    save_file(peft, str(folder / "Logo.safetensors"))
+    foreign = {"unet.no_such_block.to_q.lora_A.weight": torch.randn(4, 8),
+               "unet.no_such_block.to_q.lora_B.weight": torch.randn(8, 4)}
+    save_file(foreign, str(folder / "Foreign.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    return make_loras(tmp_path_factory.mktemp("loras"))
+
+
+def request(**kw):
+    return parse_request(dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=3, seed=5) | kw)
+
+
+def tree_digest(root):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_lora_changes_the_image_on_torch_and_tvm_alike_without_rebuild(compiled_root, lora_folder):
+    import psutil
+
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=compiled_root, lora_folder=lora_folder)
+    before_files = tree_digest(compiled_root / "SD1.5")
+    plain = {b: pipe.generate(request(backend=b)).images[0] for b in ("torch", "tvm")}
+    rss = psutil.Process().memory_info().rss
+    with_lora = {b: pipe.generate(request(backend=b, loras={"pixel_art": 0.8, "Logo": 0.5})) for b in
+                 ("torch", "tvm", "onnxruntime")}
+    grown = psutil.Process().memory_info().rss - rss
+    for backend, result in with_lora.items():
+        assert set(result.backends.values()) == {backend}
+    assert not np.array_equal(np.asarray(plain["torch"]), np.asarray(with_lora["torch"].images[0]))
+    assert psnr(with_lora["tvm"].images[0], with_lora["torch"].images[0]) >= 40
+    assert psnr(with_lora["onnxruntime"].images[0], with_lora["torch"].images[0]) >= 40
+    unet_bytes = sum(p.numel() * p.element_size() for p in pipe.bundle.unet.parameters())
+    assert grown < unet_bytes, "a LoRA must not cost a copy of the model"
+    for backend in ("torch", "tvm"):
+        again = pipe.generate(request(backend=backend)).images[0]
+        assert np.array_equal(np.asarray(again), np.asarray(plain[backend])), backend
+    assert tree_digest(compiled_root / "SD1.5") == before_files
+
+
+def test_weights_are_restored_bit_for_bit(lora_folder):
+    pipe = load_pipeline("SD1.5", "tiny", lora_folder=lora_folder)
+    original = {k: v.clone() for k, v in pipe.bundle.unet.state_dict().items()}
+    pipe.generate(request(loras={"Pixel_Art": 1.0}))
+    changed = [k for k, v in pipe.bundle.unet.state_dict().items() if not torch.equal(v, original[k])]
+    assert any("attn1.to_q" in k for k in changed) and any("ff.net.2" in k for k in changed)
+    pipe.generate(request())
+    assert all(torch.equal(v, original[k]) for k, v in pipe.bundle.unet.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("loras", "match"),
+    [({"Nope": 0.5}, "unknown LoRA 'Nope'; available: Foreign, Logo, Pixel_Art"),
+     ({"Pixel_Art": 4.5}, "outside"),
+     ({"Foreign": 1.0}, "matches no weight")],
+)
+def test_bad_loras_are_clear_errors(lora_folder, loras, match):
+    pipe = load_pipeline("SD1.5", "tiny", lora_folder=lora_folder)
+    with pytest.raises(InvalidRequestError, match=match) as err:
+        pipe.generate(request(loras=loras))
+    assert err.value.param == "loras"
+
+
+def test_cli_lora_flag(lora_folder, tmp_path):
+    base = ["generate", "--model", "SD1.5", "--prompt", "x", "--height", "64", "--width", "64", "--steps", "2",
+            "--lora-dir", str(lora_folder), "-o", str(tmp_path / "o.png")]
+    assert CliRunner().invoke(main, [*base, "--lora", "Logo=0.7"]).exit_code == 0
+    bad = CliRunner().invoke(main, [*base, "--lora", "Missing=0.7"])
+    assert bad.exit_code == 2 and "error: loras: unknown LoRA" in bad.output
