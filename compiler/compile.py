@@ -22,7 +22,8 @@ from sdaot.runtime.artifacts import (
     resolution_key,
     weights_signature,
 )
-from sdaot.runtime.components import component_modules
+from sdaot.runtime.components import component_modules, controlnet_modules
+from sdaot.runtime.controlnet import get_controlnet_name, load_controlnet
 from sdaot.runtime.errors import InvalidRequestError
 from sdaot.runtime.targets import target_json, target_key
 from sdaot.runtime.weights import ModelBundle
@@ -31,6 +32,7 @@ from .export import export_component
 from .tvm_build import build_library
 
 SIZE_FREE = ("text_encoder", "text_encoder_2")
+BATCHED = ("unet", "controlnet", "unet_controlnet")
 VERSION = "0.1.0"
 
 
@@ -58,10 +60,18 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return width, height
 
 
+def compile_modules(bundle: ModelBundle, controlnet: str | None = None) -> dict[str, torch.nn.Module]:
+    """Every module that can be compiled for the model, plus the ControlNet pair when one is named."""
+    modules = component_modules(bundle)
+    if controlnet:
+        modules |= controlnet_modules(bundle, load_controlnet(bundle, get_controlnet_name(controlnet)))
+    return modules
+
+
 def plan_jobs(bundle: ModelBundle, resolutions: list[tuple[int, int]], components: list[str] | None,
-              batches: list[int] | None) -> list[CompileJob]:
+              batches: list[int] | None, modules: dict[str, torch.nn.Module] | None = None) -> list[CompileJob]:
     """Every (component, resolution, batch) to build; text encoders once, the UNet per CFG batch size."""
-    available = list(component_modules(bundle))
+    available = list(modules or component_modules(bundle))
     components = components or available
     for name in components:
         if name not in available:
@@ -75,12 +85,13 @@ def plan_jobs(bundle: ModelBundle, resolutions: list[tuple[int, int]], component
             jobs.append(CompileJob(name, None, 1))
             continue
         for res in resolutions:
-            for batch in batches if name == "unet" else [1]:
+            for batch in batches if name in BATCHED else [1]:
                 jobs.append(CompileJob(name, res, batch))
     return jobs
 
 
-def example_inputs(bundle: ModelBundle, job: CompileJob) -> tuple[torch.Tensor, ...]:
+def example_inputs(bundle: ModelBundle, job: CompileJob,
+                   modules: dict[str, torch.nn.Module] | None = None) -> tuple[torch.Tensor, ...]:
     """Inputs of the right shape and dtype for tracing one component."""
     b = job.batch
     if job.component in SIZE_FREE:
@@ -97,11 +108,19 @@ def example_inputs(bundle: ModelBundle, job: CompileJob) -> tuple[torch.Tensor, 
         time_ids = 5 if bundle.spec.requires_aesthetics_score else 6
         pooled = unet.projection_class_embeddings_input_dim - time_ids * unet.addition_time_embed_dim
         args += [torch.randn(b, pooled), torch.randn(b, time_ids)]
-    return tuple(args)
+    if job.component == "unet":
+        return tuple(args)
+    control = [torch.rand(b, 3, height, width), torch.ones(b)]
+    controlnet_args = (*args[:3], *control, *args[3:])
+    if job.component == "controlnet":
+        return controlnet_args
+    with torch.inference_mode():
+        residuals = modules["controlnet"](*controlnet_args)
+    return (*args, *residuals)
 
 
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
-                log: Callable[[str], None] = print) -> Path:
+                log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None) -> Path:
     """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
     import tvm
 
@@ -111,8 +130,8 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
     tmp.mkdir()
     try:
         start = time.perf_counter()
-        module = component_modules(bundle)[job.component]
-        graph = export_component(module, example_inputs(bundle, job))
+        modules = modules or component_modules(bundle)
+        graph = export_component(modules[job.component], example_inputs(bundle, job, modules))
         onnx.save(graph.model, str(tmp / "model.onnx"))
         exported = time.perf_counter()
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")

@@ -33,6 +33,9 @@ class ApiGenerationRequest(BaseModel):
     refiner_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     controlnet_name: str | None = None
     controlnet_image: str | None = None
+    controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+    control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
+    control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
     loras: dict[str, float] | None = None
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     output_format: Literal["png", "jpeg", "webp"] = "png"

@@ -72,7 +72,7 @@ def presets() -> None:
         click.echo(f"{name:<22} {template['prompt']}")
 
 
-def _read_image(path: str):
+def _read_image(path: str, param: str = "image"):
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -80,7 +80,7 @@ def _read_image(path: str):
             img.load()
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidRequestError(f"cannot read image file {path!r}: {exc}", param="image") from exc
+        raise InvalidRequestError(f"cannot read image file {path!r}: {exc}", param=param) from exc
 
 
 def _parse_loras(specs: tuple[str, ...]) -> dict[str, float]:
@@ -128,12 +128,19 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--backend", default="auto", show_default=True, help="auto | tvm | torch | onnxruntime")
 @click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
               help="Compiled artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
+@click.option("--controlnet-name", default=None, help="canny, depth, openpose, scribble, softedge or tile.")
+@click.option("--controlnet-image", "controlnet_image_path", default=None,
+              help="Control image (canny: any picture, edges are extracted; others: the prepared map).")
+@click.option("--controlnet-conditioning-scale", type=float, default=None)
+@click.option("--control-guidance-start", type=float, default=None)
+@click.option("--control-guidance-end", type=float, default=None)
 @click.option("--lora", "lora_specs", multiple=True, help="NAME=WEIGHT, repeatable (LoRA files in --lora-dir).")
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
-             artifacts_root: Path | None, lora_specs: tuple[str, ...], lora_dir: Path | None, **params) -> None:
+             artifacts_root: Path | None, lora_specs: tuple[str, ...], lora_dir: Path | None,
+             controlnet_image_path: str | None, **params) -> None:
     """Generate images from a prompt (txt2img, or img2img with --image)."""
     from tqdm import tqdm
 
@@ -144,6 +151,8 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     data["model_name"] = model_name
     if image_path is not None:
         data["image"] = _read_image(image_path)
+    if controlnet_image_path is not None:
+        data["controlnet_image"] = _read_image(controlnet_image_path, param="controlnet_image")
     if lora_specs:
         data["loras"] = _parse_loras(lora_specs)
     req = parse_request(data)
@@ -176,10 +185,12 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
 @click.option("--components", default=None, help="Comma-separated, e.g. unet,vae_decoder (default: all).")
 @click.option("--batch", default=None, help="UNet batch sizes, e.g. 1,2 (default: 2 for CFG models, 1 for turbo).")
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | a TVM JSON target dict.")
+@click.option("--controlnet", default=None,
+              help="Also build the ControlNet and the residual-taking UNet (any name: one build serves all).")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
-            batch: str | None, target: str, root: Path | None) -> None:
+            batch: str | None, target: str, controlnet: str | None, root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
     import time
 
@@ -190,7 +201,13 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     from .weights import load_weights
 
     try:
-        from sdaot.compiler.compile import compile_job, parse_resolution, plan_jobs, remove_stale_temporaries
+        from sdaot.compiler.compile import (
+            compile_job,
+            compile_modules,
+            parse_resolution,
+            plan_jobs,
+            remove_stale_temporaries,
+        )
     except ImportError as exc:
         raise SdaotError(f"the compiler needs onnx, onnxslim and apache-tvm installed: {exc}") from exc
 
@@ -204,14 +221,15 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     tvm_target = resolve_target(target)
     root = root or default_root()
     bundle = load_weights(spec, weights)
-    jobs = plan_jobs(bundle, sizes, components.split(",") if components else None, batches)
+    modules = compile_modules(bundle, controlnet)
+    jobs = plan_jobs(bundle, sizes, components.split(",") if components else None, batches, modules)
     if remove_stale_temporaries(root):
         click.echo("removed temporary folders left by an interrupted compile")
     click.echo(f"compiling {len(jobs)} artifacts of {spec.name} for {target_key(tvm_target)} into {root}")
     for i, job in enumerate(jobs, 1):
         click.echo(f"[{i}/{len(jobs)}] {job.describe()}")
         start = time.perf_counter()
-        path = compile_job(bundle, job, tvm_target, root, log=click.echo)
+        path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules)
         click.echo(f"  done in {time.perf_counter() - start:.1f} s -> {path}")
 
 

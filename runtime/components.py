@@ -61,6 +61,54 @@ class UNetModule(nn.Module):
         return (out,)
 
 
+class ControlNetModule(nn.Module):
+    """ControlNet: (latents, timestep, text, control map, scale per sample[, pooled, time ids]) -> UNet residuals."""
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.sdxl = controlnet.config.addition_embed_type == "text_time"
+        count = len(controlnet.controlnet_down_blocks)
+        base = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale")
+        self.input_names = base + (("text_embeds", "time_ids") if self.sdxl else ())
+        self.output_names = tuple(f"down_residual_{i}" for i in range(count)) + ("mid_residual",)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                                    added_cond_kwargs=added, return_dict=False)
+        scale = conditioning_scale.view(-1, 1, 1, 1)
+        return tuple(d * scale for d in down) + (mid * scale,)
+
+
+class ControlledUNetModule(UNetModule):
+    """The UNet taking ControlNet residuals (added to its skip connections and middle block) as inputs."""
+
+    def __init__(self, unet: nn.Module, residuals: int) -> None:
+        super().__init__(unet)
+        self.residuals = residuals
+        self.input_names = self.input_names + tuple(f"down_residual_{i}" for i in range(residuals))
+        self.input_names += ("mid_residual",)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> tuple[torch.Tensor]:
+        added_count = 2 if self.sdxl else 0
+        added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.sdxl else None
+        residuals = rest[added_count:]
+        out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                        down_block_additional_residuals=list(residuals[:-1]),
+                        mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+        return (out,)
+
+
+def controlnet_modules(bundle: ModelBundle, controlnet: nn.Module) -> dict[str, nn.Module]:
+    """The two extra components of a ControlNet request: the ControlNet and the UNet that takes its residuals."""
+    cn = ControlNetModule(controlnet)
+    return {"controlnet": cn, "unet_controlnet": ControlledUNetModule(bundle.unet, len(cn.output_names) - 1)}
+
+
 class VaeDecoderModule(nn.Module):
     """VAE decoder: unscaled latents -> image in [-1, 1]."""
 

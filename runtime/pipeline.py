@@ -20,7 +20,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .components import Component, TorchComponent, component_modules
+from .components import Component, TorchComponent, component_modules, controlnet_modules
+from .controlnet import get_controlnet_name, load_controlnet, preprocess_control_image
 from .errors import InvalidRequestError
 from .lora import LoraMerger
 from .presets import apply_preset
@@ -51,6 +52,7 @@ class Plan:
     prompt_2: str | None
     negative_prompt_2: str | None
     loras: dict[str, float] = field(default_factory=dict)
+    controlnet: str | None = None
 
     @property
     def do_cfg(self) -> bool:
@@ -80,6 +82,9 @@ class Pipeline:
         self.torch_components = {n: TorchComponent(n, m) for n, m in component_modules(bundle).items()}
         self.selector = ComponentSelector(self.spec.name, self.torch_components, artifacts_root)
         self.loras = LoraMerger(bundle, lora_folder)
+        self.control_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE, do_convert_rgb=True,
+                                                   do_normalize=False)
+        self._controlnets: dict[str, dict[str, TorchComponent]] = {}
         self.image_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE)
         self.scaling_factor = bundle.vae.config.scaling_factor
 
@@ -87,8 +92,16 @@ class Pipeline:
     def plan(self, req: GenerationRequest) -> Plan:
         """Validate the request against this model and fill in defaults; raises InvalidRequestError."""
         spec = self.spec
-        if req.controlnet_name or req.controlnet_image is not None:
-            raise InvalidRequestError("ControlNet is not available in this version of sdaot", param="controlnet_name")
+        controlnet = None
+        if spec.default_controlnet:
+            if req.controlnet_image is None:
+                raise InvalidRequestError(f"{spec.name} needs a controlnet_image", param="controlnet_image")
+            if not isinstance(req.controlnet_image, Image.Image):
+                raise InvalidRequestError("controlnet_image must be a decoded image", param="controlnet_image")
+            controlnet = get_controlnet_name(req.controlnet_name or spec.default_controlnet)
+        elif req.controlnet_name or req.controlnet_image is not None:
+            raise InvalidRequestError(f"{spec.name} takes no ControlNet; use SD1.5-ControlNet or SDXL-ControlNet",
+                                      param="controlnet_name")
         if req.image is not None and not isinstance(req.image, Image.Image):
             raise InvalidRequestError("image must be a decoded image", param="image")
         if req.enable_refiner and self.refiner is None:
@@ -112,7 +125,7 @@ class Pipeline:
             prompt_2, _ = apply_preset(req.style_preset, prompt_2, None)
         return Plan(req, height, width, steps, req.cfg_scale if req.cfg_scale is not None else spec.default_cfg_scale,
                     sampler, seeds, prompt, negative, prompt_2, req.negative_prompt_2,
-                    self.loras.validate(req.loras or {}))
+                    self.loras.validate(req.loras or {}), controlnet)
 
     def _size(self, req: GenerationRequest) -> tuple[int, int]:
         if req.image is not None and (req.height is None or req.width is None):
@@ -129,11 +142,24 @@ class Pipeline:
         n = len(plan.seeds)
         size = (plan.width, plan.height)
         needs: dict[str, tuple[tuple[int, int] | None, int]] = {name: (None, 1) for name in self.spec.text_encoders}
-        needs["unet"] = (size, 2 * n if plan.do_cfg else n)
+        unet_batch = 2 * n if plan.do_cfg else n
+        extra = {}
+        if plan.controlnet and self.spec.default_controlnet:
+            extra = self.controlnet_components(plan.controlnet)
+            needs["controlnet"] = needs["unet_controlnet"] = (size, unet_batch)
+        else:
+            needs["unet"] = (size, unet_batch)
         needs["vae_decoder"] = (size, n)
         if plan.request.image is not None:
             needs["vae_encoder"] = (size, 1)
-        return self.selector.select(plan.request.backend, needs)
+        return self.selector.select(plan.request.backend, needs, extra)
+
+    def controlnet_components(self, name: str) -> dict[str, TorchComponent]:
+        """Torch components of ControlNet `name` and of the UNet taking its residuals (loaded on first use)."""
+        if name not in self._controlnets:
+            modules = controlnet_modules(self.bundle, load_controlnet(self.bundle, name))
+            self._controlnets[name] = {n: TorchComponent(n, m) for n, m in modules.items()}
+        return self._controlnets[name]
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, req: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
@@ -272,12 +298,21 @@ class Pipeline:
             timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
 
         step_kwargs = _step_kwargs(scheduler, generators)
+        control = self._control_image(plan) if plan.controlnet and self.spec.default_controlnet else None
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if plan.do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             t_batch = t.to(torch.float32).expand(model_in.shape[0])
             args = [cond[k] for k in self.torch_components["unet"].input_names[2:]]
-            noise_pred = self._call(comps, "unet", used, model_in, t_batch, *args)[0]
+            if control is None:
+                noise_pred = self._call(comps, "unet", used, model_in, t_batch, *args)[0]
+            else:
+                keep = 1.0 - float(i / len(timesteps) < req.control_guidance_start
+                                   or (i + 1) / len(timesteps) > req.control_guidance_end)
+                scale = torch.full((model_in.shape[0],), req.controlnet_conditioning_scale * keep)
+                residuals = self._call(comps, "controlnet", used, model_in, t_batch, args[0], control, scale,
+                                       *args[1:])
+                noise_pred = self._call(comps, "unet_controlnet", used, model_in, t_batch, *args, *residuals)[0]
             if plan.do_cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + plan.cfg_scale * (text - uncond)
@@ -285,6 +320,13 @@ class Pipeline:
             if progress:
                 progress(i + 1, len(timesteps))
         return latents
+
+    def _control_image(self, plan: Plan) -> torch.Tensor:
+        """The control map as diffusers' ControlNet pipelines prepare it: [0, 1], one per UNet batch row."""
+        control_map = preprocess_control_image(plan.controlnet, plan.request.controlnet_image)
+        image = self.control_processor.preprocess(control_map, height=plan.height, width=plan.width)
+        image = image.to(torch.float32).repeat_interleave(len(plan.seeds), dim=0)
+        return torch.cat([image] * 2) if plan.do_cfg else image
 
     def _decode(self, latents: torch.Tensor, comps, used) -> list[Image.Image]:
         image = self._call(comps, "vae_decoder", used, latents / self.scaling_factor)[0]

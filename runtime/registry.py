@@ -32,6 +32,7 @@ class ModelSpec:
     requires_aesthetics_score: bool = False
     refiner: str | None = None
     refiner_only: bool = False
+    default_controlnet: str | None = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -79,6 +80,7 @@ def _models() -> dict[str, ModelSpec]:
             requires_aesthetics_score=m.get("requires_aesthetics_score", False),
             refiner=m.get("refiner"),
             refiner_only=m.get("refiner_only", False),
+            default_controlnet=m.get("controlnet"),
         )
     return specs
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .controlnet import get_controlnet_name
 from .errors import InvalidRequestError
 from .presets import get_preset
 from .registry import get_model
@@ -42,6 +43,9 @@ class GenerationRequest(BaseModel):
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     controlnet_name: str | None = None
     controlnet_image: Any = None
+    controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+    control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
+    control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
     loras: dict[str, float] | None = None
 
     @field_validator("height", "width")
@@ -66,4 +70,9 @@ def parse_request(data: dict[str, Any]) -> GenerationRequest:
         get_sampler(req.sampler)
     if req.style_preset is not None:
         get_preset(req.style_preset)
+    if req.controlnet_name is not None:
+        get_controlnet_name(req.controlnet_name)
+    if req.control_guidance_start >= req.control_guidance_end:
+        raise InvalidRequestError("control_guidance_start must be below control_guidance_end",
+                                  param="control_guidance_start")
     return req

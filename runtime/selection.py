@@ -38,7 +38,7 @@ class ComponentSelector:
         self.model = model
         self.torch_components = torch_components
         self.root = root
-        self._loaded: dict[tuple[str, str, str], Component] = {}
+        self._loaded: dict[tuple[str, str, str, int], Component] = {}
 
     def artifacts(self) -> list[Artifact]:
         """This model's artifacts for this device."""
@@ -49,10 +49,15 @@ class ComponentSelector:
         """Resolutions with a compiled UNet, as WIDTHxHEIGHT."""
         return sorted({a.resolution for a in self.artifacts() if a.component == "unet"})
 
-    def select(self, backend: str, needs: dict[str, tuple[tuple[int, int] | None, int]]) -> dict[str, Component]:
-        """One component per needed name; `needs` maps name -> (resolution or None, total batch)."""
+    def select(self, backend: str, needs: dict[str, tuple[tuple[int, int] | None, int]],
+               extra_torch: dict[str, TorchComponent] | None = None) -> dict[str, Component]:
+        """One component per needed name; `needs` maps name -> (resolution or None, total batch).
+
+        `extra_torch` adds per-request torch components (the chosen ControlNet) to the model's own.
+        """
+        torch_components = self.torch_components | (extra_torch or {})
         if backend == "torch":
-            return {name: self.torch_components[name] for name in needs}
+            return {name: torch_components[name] for name in needs}
         found = self.artifacts()
         chosen: dict[str, Component] = {}
         for name, (resolution, total) in needs.items():
@@ -60,7 +65,7 @@ class ComponentSelector:
             artifact = _best(found, name, resolution_key(resolution), total)
             if artifact is None:
                 if backend == "auto":
-                    chosen[name] = self.torch_components[name]
+                    chosen[name] = torch_components[name]
                     continue
                 compiled = ", ".join(self.compiled_resolutions()) or "none"
                 where = f"at {resolution_key(resolution)}" if resolution else "(size-free)"
@@ -71,18 +76,17 @@ class ComponentSelector:
                     param="backend",
                 )
             try:
-                chosen[name] = self._load(kind, name, artifact)
+                chosen[name] = self._load(kind, name, artifact, torch_components[name].module)
             except BackendUnavailableError as exc:
                 if backend != "auto":
                     raise
                 log.warning("falling back to torch for %s %s: %s", self.model, name, exc.message)
-                chosen[name] = self.torch_components[name]
+                chosen[name] = torch_components[name]
         return chosen
 
-    def _load(self, kind: str, name: str, artifact: Artifact) -> Component:
-        key = (kind, str(artifact.path), artifact.manifest["created"])
+    def _load(self, kind: str, name: str, artifact: Artifact, module) -> Component:
+        key = (kind, str(artifact.path), artifact.manifest["created"], id(module))
         if key not in self._loaded:
-            module = self.torch_components[name].module
             check_artifact(artifact, module, host_target_key() or "")
             self._loaded[key] = COMPILED[kind](name, artifact, module)
             log.info("loaded %s %s from %s", kind, name, artifact.path)

@@ -194,6 +194,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     @app.get("/v1/models")
     async def models() -> dict:
         """Served models with family, weight source and compiled resolutions per backend."""
+        from .controlnet import controlnet_registry
+
+        controlnets = [{"name": n, "preprocessor": c["preprocessor"]} for n, c in controlnet_registry().items()]
         rows = []
         for name, pipe in server.pipelines.items():
             compiled = pipe.selector.compiled_resolutions()
@@ -201,7 +204,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                          "native_resolution": "x".join(map(str, pipe.spec.native_resolution[::-1])),
                          "default_tvm_resolutions": list(pipe.spec.tvm_resolutions),
                          "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"},
-                         "loras": pipe.loras.names()})
+                         "loras": pipe.loras.names(),
+                         "controlnets": controlnets if pipe.spec.default_controlnet else []})
         return {"object": "list", "data": rows}
 
     @app.get("/v1/samplers")
