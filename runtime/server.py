@@ -122,7 +122,8 @@ class Server:
                 raise Cancelled()
 
         plan = pipe.plan(req)
-        backend.append(pipe.components(plan)["unet"].backend)
+        comps = pipe.components(plan)
+        backend.append((comps.get("unet") or comps["unet_controlnet"]).backend)
         return pipe.generate(req, progress=progress)
 
 
@@ -173,6 +174,11 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     @app.exception_handler(SdaotError)
     async def _sdaot(request: Request, exc: SdaotError):
         return error_body(exc.status_code, exc.message, exc.param, exc.error_type)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error_body(500, f"internal error: {type(exc).__name__}", None, "api_error")
 
     @app.get("/healthz")
     async def healthz() -> dict:

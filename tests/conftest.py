@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import save_file
 
 _CACHE = Path(tempfile.mkdtemp(prefix="sdaot-test-cache-"))
 os.environ.setdefault("SDAOT_CACHE", str(_CACHE))
@@ -52,3 +54,34 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mse = ((x - y) ** 2).mean()
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
+
+
+def make_loras(folder):
+    """A kohya-named LoRA (alpha scaling, UNet + text encoder), a PEFT-named one, and one for another model."""
+    folder.mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    kohya = {}
+    for module, width in ((f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q", 32),
+                          (f"lora_unet_{ATTN.replace('.', '_')}_ff_net_2", 32),
+                          ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 32)):
+        rank = 4
+        inner = 128 if module.endswith("ff_net_2") else width
+        kohya[f"{module}.lora_down.weight"] = torch.randn(rank, inner, generator=gen)
+        kohya[f"{module}.lora_up.weight"] = torch.randn(width, rank, generator=gen) * 0.5
+        kohya[f"{module}.alpha"] = torch.tensor(2.0)
+    save_file(kohya, str(folder / "Pixel_Art.safetensors"))
+    peft = {f"unet.{ATTN}.attn2.to_v.lora_A.weight": torch.randn(4, 32, generator=gen),
+            f"unet.{ATTN}.attn2.to_v.lora_B.weight": torch.randn(32, 4, generator=gen)}
+    save_file(peft, str(folder / "Logo.safetensors"))
+    foreign = {"unet.no_such_block.to_q.lora_A.weight": torch.randn(4, 8),
+               "unet.no_such_block.to_q.lora_B.weight": torch.randn(8, 4)}
+    save_file(foreign, str(folder / "Foreign.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lora_folder(tmp_path_factory):
+    return make_loras(tmp_path_factory.mktemp("loras"))

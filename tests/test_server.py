@@ -47,8 +47,9 @@ def start_server(extra_args, env_extra=None, wait_for="/readyz"):
 
 
 @pytest.fixture(scope="module")
-def server(compiled_root):
-    proc, url = start_server(["--models", "SD1.5,SDXL1.0-base", "--artifacts", str(compiled_root)])
+def server(compiled_root, lora_folder):
+    proc, url = start_server(["--models", "SD1.5,SDXL1.0-base,SD1.5-ControlNet", "--artifacts", str(compiled_root),
+                              "--lora-dir", str(lora_folder)])
     yield url
     proc.terminate()
     proc.wait(timeout=60)
@@ -159,6 +160,8 @@ def test_models_readiness_and_metrics(server):
     assert_error(httpx.get(f"{server}/v1/nothing", headers=AUTH), 404)
     assert_error(httpx.get(f"{server}/v1/image/generation", headers=AUTH), 405)
     assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
+    generated = post(server, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 2})
+    assert generated.status_code == 200
     metrics = httpx.get(f"{server}/metrics").text
     assert "sdaot_requests_total" in metrics and "sdaot_queue_depth" in metrics
     assert "sdaot_step_seconds_bucket" in metrics
@@ -255,3 +258,36 @@ def test_a_request_over_the_time_limit_answers_504_and_frees_the_worker():
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_loras_and_controlnets_over_http(server):
+    models = {m["name"]: m for m in httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"]}
+    assert models["SD1.5"]["loras"] == ["Foreign", "Logo", "Pixel_Art"]
+    assert {c["name"] for c in models["SD1.5-ControlNet"]["controlnets"]} >= {"canny", "depth", "openpose",
+                                                                               "scribble", "softedge", "tile"}
+    base = {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 2, "seed": 1}
+    plain = post(server, base).json()["images"][0]["image"]
+    styled = post(server, base | {"loras": {"Pixel_Art": 0.7, "Logo": 0.6}})
+    assert styled.status_code == 200 and styled.json()["images"][0]["image"] != plain
+    assert post(server, base).json()["images"][0]["image"] == plain
+    assert "available: Foreign, Logo, Pixel_Art" in assert_error(post(server, base | {"loras": {"Nope": 1}}), 400,
+                                                                 "loras")["message"]
+    assert_error(post(server, base | {"loras": {"Logo": 7}}), 400, "loras")
+    assert_error(post(server, base | {"loras": {"Foreign": 1}}), 400, "loras")
+    assert_error(post(server, base | {"loras": {"Logo": "heavy"}}), 422, "loras.Logo")
+
+    control = png_b64(Image.new("RGB", (64, 64), (90, 10, 200)))
+    cn = base | {"model_name": "SD1.5-ControlNet", "controlnet_name": "canny", "controlnet_image": control}
+    ok = post(server, cn)
+    assert ok.status_code == 200 and ok.json()["backends"]["controlnet"] == "torch"
+    assert "canny" in assert_error(post(server, cn | {"controlnet_name": "edges"}), 400, "controlnet_name")["message"]
+    assert_error(post(server, base | {"controlnet_name": "canny", "controlnet_image": control}), 400,
+                 "controlnet_name")
+    assert_error(post(server, {k: v for k, v in cn.items() if k != "controlnet_image"}), 400, "controlnet_image")
+    assert_error(post(server, cn | {"controlnet_image": "%%%"}), 400, "controlnet_image")
