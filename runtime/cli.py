@@ -253,6 +253,49 @@ def artifacts(as_json: bool, root: Path | None) -> None:
         click.echo("(none: build some with `sdaot compile --model SD1.5 --resolution 512x512`)")
 
 
+@main.command()
+@click.option("--model", "model_name", required=True)
+@click.option("--weights", default="random", show_default=True, help="random = full-size architecture.")
+@click.option("--resolution", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option("--backends", default="tvm,tvm-untuned,onnxruntime,torch", show_default=True,
+              help="Any of tvm, tvm-untuned, onnxruntime, torch, torch-compile.")
+@click.option("--components", default="unet,vae_decoder,text_encoder", show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="UNet calls per image, for end-to-end time.")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--target", default="cpu", show_default=True)
+@click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
+              help="Where tuned artifacts are looked up for the `tvm` backend.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
+              show_default=True)
+def bench(model_name: str, weights: str, resolution: str | None, backends: str, components: str, steps: int,
+          warmup: int, repeat: int, target: str, artifacts_root: Path | None, out_dir: Path) -> None:
+    """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
+    from sdaot.compiler.bench import BACKENDS, run_bench
+    from sdaot.compiler.compile import parse_resolution
+
+    from .loader import quiet_libraries
+    from .registry import get_model
+    from .targets import resolve_target
+    from .weights import load_weights
+
+    quiet_libraries()
+    spec = get_model(model_name)
+    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    for b in chosen:
+        if b not in BACKENDS:
+            raise InvalidRequestError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}", param="backends")
+    if repeat < 1 or warmup < 0 or steps < 1:
+        raise InvalidRequestError("repeat and steps must be >= 1, warmup >= 0", param="repeat")
+    size = parse_resolution(resolution) if resolution else spec.native_resolution[::-1]
+    bundle = load_weights(spec, weights)
+    report = run_bench(bundle, size, [c.strip() for c in components.split(",")], chosen, resolve_target(target),
+                       artifacts_root, steps, warmup, repeat, out_dir, log=click.echo)
+    from sdaot.compiler.bench import markdown
+
+    click.echo(markdown(report))
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 

@@ -1,0 +1,262 @@
+"""`sdaot bench`: every backend side by side on the same inputs, in one process.
+
+For each component it builds what a backend needs (an untuned TVM artifact and the ONNX graph in a
+scratch folder, or reuses tuned artifacts from --artifacts), warms up, repeats, and reports the median and
+spread, achieved GFLOP/s against this machine's measured matmul peak, and ratios to the fastest backend.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdaot.runtime.artifacts import Artifact, list_artifacts, resolution_key
+from sdaot.runtime.compiled import OnnxRuntimeComponent, TvmComponent
+from sdaot.runtime.components import TorchComponent
+from sdaot.runtime.targets import target_key
+from sdaot.runtime.weights import ModelBundle
+
+from .compile import CompileJob, compile_job, compile_modules, example_inputs
+
+BACKENDS = ("tvm", "tvm-untuned", "onnxruntime", "torch", "torch-compile")
+
+
+@dataclass
+class Measurement:
+    """The timings of one component on one backend."""
+
+    component: str
+    backend: str
+    status: str
+    median_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    runs: list[float] = field(default_factory=list)
+    setup_s: float | None = None
+    gflops_per_s: float | None = None
+    percent_of_peak: float | None = None
+    ratio_to_fastest: float | None = None
+    rss_after_mb: float | None = None
+
+
+def matmul_peak_gflops(size: int = 2048, repeat: int = 5) -> float:
+    """fp32 matmul throughput of torch on this machine: the practical ceiling for dense arithmetic."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeat))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def count_gflop(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    """FLOPs of one call, counted once by torch's FLOP counter."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        module(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
+class Runner:
+    """Builds and times each backend of one model's components at one resolution."""
+
+    def __init__(self, bundle: ModelBundle, resolution: tuple[int, int], target, artifacts_root: Path | None,
+                 warmup: int, repeat: int, log: Callable[[str], None] = print) -> None:
+        self.bundle, self.resolution, self.target = bundle, resolution, target
+        self.artifacts_root, self.warmup, self.repeat, self.log = artifacts_root, warmup, repeat, log
+        self.modules = compile_modules(bundle)
+        self.scratch = Path(tempfile.mkdtemp(prefix="sdaot-bench-"))
+
+    def job(self, component: str) -> CompileJob:
+        size_free = component in ("text_encoder", "text_encoder_2")
+        batch = 1 if component != "unet" or self.bundle.spec.default_cfg_scale <= 1 else 2
+        return CompileJob(component, None if size_free else self.resolution, batch)
+
+    def _tuned(self, job: CompileJob) -> Artifact | None:
+        for artifact in list_artifacts(self.artifacts_root):
+            m = artifact.manifest
+            if (artifact.model, artifact.component, artifact.resolution, artifact.batch) == (
+                    self.bundle.spec.name, job.component, resolution_key(job.resolution), job.batch) \
+                    and m.get("tuned") and artifact.target_key == target_key(self.target):
+                return artifact
+        return None
+
+    def _untuned(self, job: CompileJob) -> tuple[Artifact, float]:
+        start = time.perf_counter()
+        path = compile_job(self.bundle, job, self.target, self.scratch, log=self.log, modules=self.modules)
+        manifest = json.loads((path / "manifest.json").read_text())
+        return Artifact(path, manifest), time.perf_counter() - start
+
+    def component_backend(self, component: str, backend: str, built: dict):
+        """A callable for the backend, or a string saying why it is not available."""
+        module = self.modules[component]
+        job = self.job(component)
+        if backend == "torch":
+            return TorchComponent(component, module), 0.0
+        if backend == "torch-compile":
+            compiled = torch.compile(module)
+            return (lambda *xs: compiled(*xs)), 0.0
+        if backend == "tvm":
+            tuned = self._tuned(job)
+            if tuned is None:
+                return "no tuned artifact (run `sdaot compile --tune`)", None
+            return TvmComponent(component, tuned, module), tuned.manifest["build_seconds"]
+        if component not in built:
+            built[component] = self._untuned(job)
+        artifact, seconds = built[component]
+        cls = TvmComponent if backend == "tvm-untuned" else OnnxRuntimeComponent
+        return cls(component, artifact, module), seconds
+
+    def measure(self, component: str, backend: str, built: dict) -> Measurement:
+        """Warm up, then time `repeat` calls on identical inputs."""
+        torch.manual_seed(0)
+        inputs = example_inputs(self.bundle, self.job(component), self.modules)
+        try:
+            runner, setup = self.component_backend(component, backend, built)
+        except Exception as exc:  # a backend that cannot build or load is reported, not fatal
+            return Measurement(component, backend, f"failed: {type(exc).__name__}: {exc}"[:300])
+        if isinstance(runner, str):
+            return Measurement(component, backend, runner)
+        with torch.inference_mode():
+            first = _timed(lambda: runner(*inputs))
+            for _ in range(max(self.warmup - 1, 0)):
+                runner(*inputs)
+            runs = [_timed(lambda: runner(*inputs)) for _ in range(self.repeat)]
+        setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
+        return Measurement(component, backend, "ok", statistics.median(runs), min(runs), max(runs), runs,
+                           round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20)
+
+
+def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list[str], backends: list[str],
+              target, artifacts_root: Path | None, steps: int, warmup: int, repeat: int, out_dir: Path,
+              log: Callable[[str], None] = print) -> dict:
+    """Run every (component, backend) pair and write JSON, Markdown and a PNG chart into out_dir."""
+    runner = Runner(bundle, resolution, target, artifacts_root, warmup, repeat, log)
+    peak = matmul_peak_gflops()
+    log(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
+    results, gflop, built = [], {}, {}
+    for component in components:
+        inputs = example_inputs(bundle, runner.job(component), runner.modules)
+        gflop[component] = count_gflop(runner.modules[component], inputs)
+        for backend in backends:
+            log(f"{component} on {backend} ...")
+            m = runner.measure(component, backend, built)
+            if m.median_s:
+                m.gflops_per_s = gflop[component] / m.median_s
+                m.percent_of_peak = 100 * m.gflops_per_s / peak
+                log(f"  median {m.median_s:.4f} s ({m.gflops_per_s:.1f} GFLOP/s)")
+            else:
+                log(f"  {m.status}")
+            results.append(m)
+    for component in components:
+        done = [m for m in results if m.component == component and m.median_s]
+        fastest = min((m.median_s for m in done), default=None)
+        for m in done:
+            m.ratio_to_fastest = m.median_s / fastest
+    report = {
+        "model": bundle.spec.name, "weights": bundle.source, "resolution": resolution_key(resolution),
+        "steps": steps, "warmup": warmup, "repeat": repeat, "target": target_key(target),
+        "machine": machine_line(), "matmul_peak_gflops": round(peak, 1), "gflop_per_call": gflop,
+        "end_to_end_s_per_image": end_to_end(results, components, steps),
+        "peak_rss_mb": psutil.Process().memory_info().rss / 2**20, "results": [asdict(m) for m in results],
+    }
+    write_outputs(report, out_dir)
+    return report
+
+
+def end_to_end(results: list[Measurement], components: list[str], steps: int) -> dict[str, float | None]:
+    """Seconds per image per backend: text encoders + steps x UNet + VAE decoder (from the medians)."""
+    totals: dict[str, float | None] = {}
+    for backend in {m.backend for m in results}:
+        times = {m.component: m.median_s for m in results if m.backend == backend}
+        if any(times.get(c) is None for c in components):
+            totals[backend] = None
+            continue
+        totals[backend] = round(sum(steps * t if c == "unet" else t for c, t in times.items()), 3)
+    return totals
+
+
+def machine_line() -> str:
+    """CPU model, core count, relevant ISA flags and library versions, for the results' header."""
+    import tvm
+
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                   cpu)
+        present = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present)
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {psutil.cpu_count(logical=True)} threads, {flags}; torch {torch.__version__}, "
+            f"TVM {tvm.__version__}")
+
+
+def write_outputs(report: dict, out_dir: Path) -> None:
+    """bench-<model>-<resolution>.json/.md/.png under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{report['model']}-{report['weights']}-{report['resolution']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    chart(report, stem.with_suffix(".png"))
+
+
+def markdown(report: dict) -> str:
+    """The results table: ratio to the fastest backend first, then absolute numbers."""
+    lines = [f"### {report['model']} ({report['weights']} weights) at {report['resolution']}", "",
+             f"Machine: {report['machine']}. Matmul peak {report['matmul_peak_gflops']} GFLOP/s. "
+             f"Warm-up {report['warmup']}, {report['repeat']} timed runs, median.", "",
+             "| component | backend | × fastest | median s | min–max s | GFLOP/s | % peak | setup s | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        def fmt(v, spec):
+            return "–" if v is None else format(v, spec)
+        spread = "–" if r["min_s"] is None else f"{r['min_s']:.4f}–{r['max_s']:.4f}"
+        lines.append(f"| {r['component']} | {r['backend']} | {fmt(r['ratio_to_fastest'], '.2f')} | "
+                     f"{fmt(r['median_s'], '.4f')} | {spread} | {fmt(r['gflops_per_s'], '.1f')} | "
+                     f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | {r['status']} |")
+    lines += ["", f"End-to-end seconds per image ({report['steps']} steps, from the medians): " + ", ".join(
+        f"{b}: {t if t is not None else '–'}" for b, t in sorted(report["end_to_end_s_per_image"].items())), ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    """A grouped bar chart of median seconds per component and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in report["results"] if r["median_s"]]
+    components = list(dict.fromkeys(r["component"] for r in done))
+    backends = list(dict.fromkeys(r["backend"] for r in done))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(backends), 1)
+    for i, backend in enumerate(backends):
+        values = [next((r["median_s"] for r in done if r["component"] == c and r["backend"] == backend), 0)
+                  for c in components]
+        ax.bar([x + i * width for x in range(len(components))], values, width, label=backend)
+    ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(components))], components)
+    ax.set_ylabel("median seconds per call (log)")
+    ax.set_yscale("log")
+    ax.set_title(f"{report['model']} {report['weights']} {report['resolution']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

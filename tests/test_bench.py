@@ -1,0 +1,35 @@
+"""`sdaot bench` runs every backend on the same inputs and writes its three result files."""
+
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from sdaot.runtime.cli import main
+
+
+def test_bench_reports_each_backend_with_ratios(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
+                                       "--components", "text_encoder,vae_decoder", "--backends",
+                                       "tvm,tvm-untuned,onnxruntime,torch", "--repeat", "2", "--out", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
+    rows = {(r["component"], r["backend"]): r for r in report["results"]}
+    assert "no tuned artifact" in rows[("vae_decoder", "tvm")]["status"]
+    for component in ("text_encoder", "vae_decoder"):
+        timed = [rows[(component, b)] for b in ("tvm-untuned", "onnxruntime", "torch")]
+        assert all(r["status"] == "ok" and len(r["runs"]) == 2 for r in timed)
+        assert min(r["ratio_to_fastest"] for r in timed) == 1.0
+        assert report["gflop_per_call"][component] > 0
+    assert rows[("vae_decoder", "tvm-untuned")]["setup_s"] > 0
+    assert report["matmul_peak_gflops"] > 0 and "TVM" in report["machine"]
+    assert "| vae_decoder | onnxruntime |" in (tmp_path / "bench-SD1.5-tiny-64x64.md").read_text()
+    with Image.open(tmp_path / "bench-SD1.5-tiny-64x64.png") as chart:
+        assert chart.format == "PNG" and chart.size[0] > 100
+
+
+def test_bench_rejects_an_unknown_backend(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--backends", "tensorrt",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "error: backends: unknown backend 'tensorrt'" in result.output
