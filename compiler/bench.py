@@ -211,10 +211,10 @@ def machine_line() -> str:
 def write_outputs(report: dict, out_dir: Path) -> None:
     """bench-<model>-<resolution>.json/.md/.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench-{report['model']}-{report['weights']}-{report['resolution']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    chart(report, stem.with_suffix(".png"))
+    stem = f"bench-{report['model']}-{report['weights']}-{report['resolution']}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out_dir / f"{stem}.md").write_text(markdown(report))
+    chart(report, out_dir / f"{stem}.png")
 
 
 def markdown(report: dict) -> str:
