@@ -7,7 +7,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from sdaot.runtime.targets import target_json, target_key
 from sdaot.runtime.weights import ModelBundle
 
 from .export import export_component
-from .tvm_build import build_library
+from .tvm_build import TuningOptions, build_library
 
 SIZE_FREE = ("text_encoder", "text_encoder_2")
 BATCHED = ("unet", "controlnet", "unet_controlnet")
@@ -120,7 +120,8 @@ def example_inputs(bundle: ModelBundle, job: CompileJob,
 
 
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
-                log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None) -> Path:
+                log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None,
+                tuning: TuningOptions | None = None) -> Path:
     """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
     import tvm
 
@@ -135,9 +136,10 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         onnx.save(graph.model, str(tmp / "model.onnx"))
         exported = time.perf_counter()
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")
-        functions = build_library(graph.model, target, tmp / "lib.so")
+        info = build_library(graph.model, target, tmp / "lib.so", tuning=tuning, log=log)
         built = time.perf_counter()
-        log(f"  built TVM library in {built - exported:.1f} s ({functions} kernels)")
+        tuned_note = f", {info.scheduled_functions} with tuned schedules" if tuning else ""
+        log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note})")
         manifest = {
             "format_version": FORMAT_VERSION,
             "sdaot_version": VERSION,
@@ -156,9 +158,11 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
             "target_key": target_key(target),
             "onnx_sha256": graph.sha256,
             "lib_sha256": file_sha256(tmp / "lib.so"),
-            "tuned": False,
-            "tuned_functions": 0,
-            "total_functions": functions,
+            "tuned": info.scheduled_functions > 0,
+            "tuned_functions": info.scheduled_functions,
+            "total_functions": info.total_functions,
+            "tuning": asdict(info.tuning) if info.tuning else None,
+            "tuning_database": str(tuning.database) if tuning else None,
             "build_seconds": round(built - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from .tuning import TuningReport, count_scheduled, tune_and_apply
 
-def build_library(model: onnx.ModelProto, target: Any, out_path: Path) -> int:
-    """Compile the graph for `target` into `out_path` (a .so); returns how many Relax functions it has.
+
+@dataclass
+class TuningOptions:
+    """How `sdaot compile --tune` tunes: database folder, wall-time budget, trials per task."""
+
+    database: Path
+    budget_s: float
+    trials_per_task: int = 64
+    max_tasks: int | None = None
+
+
+@dataclass
+class BuildInfo:
+    """What a build produced: kernel counts and, when tuned, the tuning report."""
+
+    scheduled_functions: int
+    total_functions: int
+    tuning: TuningReport | None
+
+
+def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: TuningOptions | None = None,
+                  log: Callable[[str], None] = print) -> BuildInfo:
+    """Compile the graph for `target` into `out_path` (a .so), tuned with MetaSchedule when asked.
 
     Weights are graph inputs already (see export.py), so they stay function parameters of `main`; only
     small shape constants are left as initializers and get embedded.
@@ -23,13 +49,26 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path) -> int:
         warnings.simplefilter("ignore")
         mod = from_onnx(model, keep_params_in_input=False)
     mod, _ = relax.frontend.detach_params(mod)
-    with target:
-        mod = relax.get_pipeline("zero")(mod)
-        if target.kind.name == "cuda":
-            from tvm.s_tir import dlight
+    report = None
+    if tuning is not None:
+        if target.kind.name == "llvm" and "num-cores" not in target.attrs:
+            target = tvm.target.Target({**json.loads(str(target)), "num-cores": os.cpu_count() or 1})
+        with target:
+            fused = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                              relax.transform.CanonicalizeBindings(),
+                                              relax.get_pipeline("zero")])(mod)
+        mod, report = tune_and_apply(fused, target, tuning.database, tuning.budget_s, tuning.trials_per_task,
+                                     tuning.max_tasks, log)
+    else:
+        with target:
+            mod = relax.get_pipeline("zero")(mod)
+    if target.kind.name == "cuda":
+        from tvm.s_tir import dlight
 
+        with target:
             mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                               dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
+    scheduled, total = count_scheduled(mod)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_path))
-    return sum(1 for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc))
+    return BuildInfo(scheduled if tuning else 0, total, report)

@@ -187,10 +187,17 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | a TVM JSON target dict.")
 @click.option("--controlnet", default=None,
               help="Also build the ControlNet and the residual-taking UNet (any name: one build serves all).")
+@click.option("--tune", is_flag=True, help="Tune with MetaSchedule (CPU) before building.")
+@click.option("--tune-budget", default="45m", show_default=True, help="Wall time for tuning, per component.")
+@click.option("--tuning-db", type=click.Path(path_type=Path), default=None,
+              help="Tuning database folder, shared by every model (default: <out>/tuning/<target>).")
+@click.option("--trials-per-task", type=int, default=64, show_default=True)
+@click.option("--tune-tasks", type=int, default=None, help="Tune only the N heaviest tasks of each component.")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
-            batch: str | None, target: str, controlnet: str | None, root: Path | None) -> None:
+            batch: str | None, target: str, controlnet: str | None, tune: bool, tune_budget: str,
+            tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
     import time
 
@@ -220,6 +227,19 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
     tvm_target = resolve_target(target)
     root = root or default_root()
+    tuning = None
+    if tune:
+        from sdaot.compiler.tuning import parse_budget
+        from sdaot.compiler.tvm_build import TuningOptions
+
+        try:
+            budget = parse_budget(tune_budget)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="tune_budget") from exc
+        if trials_per_task < 1:
+            raise InvalidRequestError("must be at least 1", param="trials_per_task")
+        db = tuning_db or (root or default_root()) / "tuning" / target_key(tvm_target)
+        tuning = TuningOptions(db, budget, trials_per_task, tune_tasks)
     bundle = load_weights(spec, weights)
     modules = compile_modules(bundle, controlnet)
     jobs = plan_jobs(bundle, sizes, components.split(",") if components else None, batches, modules)
@@ -229,7 +249,7 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     for i, job in enumerate(jobs, 1):
         click.echo(f"[{i}/{len(jobs)}] {job.describe()}")
         start = time.perf_counter()
-        path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules)
+        path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules, tuning=tuning)
         click.echo(f"  done in {time.perf_counter() - start:.1f} s -> {path}")
 
 

@@ -1,0 +1,54 @@
+"""MetaSchedule tuning applies to the build, resumes without repeating trials, and keeps results right."""
+
+import json
+
+from click.testing import CliRunner
+from conftest import psnr
+
+from sdaot.runtime.artifacts import list_artifacts
+from sdaot.runtime.cli import main
+from sdaot.runtime.loader import load_pipeline
+from sdaot.runtime.request import parse_request
+
+
+def records(db_folder):
+    lines = (db_folder / "database_tuning_record.json").read_text().splitlines()
+    return [line for line in lines if line.strip()]
+
+
+def test_tuning_applies_and_resumes_without_duplicate_trials(tmp_path):
+    args = ["compile", "--model", "SD1.5", "--resolution", "64x64", "--components", "unet", "--tune",
+            "--tune-budget", "3m", "--trials-per-task", "4", "--tune-tasks", "2", "--out", str(tmp_path)]
+    first = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    assert "task 1/2" in first.output
+    (artifact,) = list_artifacts(tmp_path)
+    manifest = artifact.manifest
+    assert manifest["tuned"] and manifest["tuned_functions"] > 0
+    assert manifest["tuning"]["tasks_tuned_now"] == 2 and manifest["tuning"]["tasks_skipped_no_flops"] > 0
+    db = tmp_path / "tuning" / artifact.target_key
+    before = records(db)
+    assert len(before) >= 2
+
+    second = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    (artifact,) = list_artifacts(tmp_path)
+    assert artifact.manifest["tuning"]["tasks_skipped_done"] == 2
+    assert artifact.manifest["tuning"]["trials_now"] == 0
+    assert artifact.manifest["tuned_functions"] == manifest["tuned_functions"]
+    after = records(db)
+    assert after == before
+    assert len({json.dumps(json.loads(line)) for line in after}) == len(after), "duplicate trials"
+
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
+    req = dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=3, seed=2)
+    tuned = pipe.generate(parse_request(req | {"backend": "auto"}))
+    assert tuned.backends["unet"] == "tvm"
+    reference = pipe.generate(parse_request(req | {"backend": "torch"}))
+    assert psnr(tuned.images[0], reference.images[0]) >= 40
+
+
+def test_bad_budget_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "--model", "SD1.5", "--resolution", "64x64", "--tune",
+                                       "--tune-budget", "soon", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "error: tune_budget:" in result.output
