@@ -62,6 +62,13 @@ class _Chunked:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
 
+    def __init__(self, name: str, artifact: Artifact, module: nn.Module) -> None:
+        self.name, self.batch = name, artifact.batch
+        self.input_names = tuple(module.input_names)
+        self.output_names = tuple(module.output_names)
+        self.weight_names = [w["name"] for w in artifact.manifest["weights"]]
+        self.weight_tensors = aligned_weights(module, self.weight_names)
+
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         total = inputs[0].shape[0]
         if total == self.batch:
@@ -85,16 +92,13 @@ class TvmComponent(_Chunked):
         import tvm
         from tvm import relax
 
-        self.name, self.batch = name, artifact.batch
-        self.input_names = tuple(module.input_names)
-        self.output_names = tuple(module.output_names)
+        super().__init__(name, artifact, module)
         try:
             lib = tvm.runtime.load_module(str(artifact.path / "lib.so"))
             self.vm = relax.VirtualMachine(lib, tvm.cpu())
         except Exception as exc:  # TVM reports load failures with its own error classes
             raise BackendUnavailableError(f"cannot load {artifact.path / 'lib.so'}: {exc}", param="backend") from exc
-        names = [w["name"] for w in artifact.manifest["weights"]]
-        self._weights = [tvm.runtime.from_dlpack(w) for w in aligned_weights(module, names)]
+        self._weights = [tvm.runtime.from_dlpack(w) for w in self.weight_tensors]
         self._main = self.vm["main"]
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -102,7 +106,7 @@ class TvmComponent(_Chunked):
 
         args = [tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]
         out = self._main(*args, *self._weights)
-        outs = out if isinstance(out, (list, tuple)) or hasattr(out, "__len__") and not hasattr(out, "shape") else [out]
+        outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         return tuple(torch.from_dlpack(o).clone() for o in outs)
 
 
@@ -114,17 +118,14 @@ class OnnxRuntimeComponent(_Chunked):
     def __init__(self, name: str, artifact: Artifact, module: nn.Module) -> None:
         import onnxruntime as ort
 
-        self.name, self.batch = name, artifact.batch
-        self.input_names = tuple(module.input_names)
-        self.output_names = tuple(module.output_names)
+        super().__init__(name, artifact, module)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(artifact.path / "model.onnx"), providers=providers)
         except Exception as exc:  # onnxruntime raises its own error classes for unreadable graphs
             raise BackendUnavailableError(f"cannot load {artifact.path / 'model.onnx'}: {exc}",
                                           param="backend") from exc
-        names = [w["name"] for w in artifact.manifest["weights"]]
-        self._weights = {n: w.numpy() for n, w in zip(names, aligned_weights(module, names), strict=True)}
+        self._weights = {n: w.numpy() for n, w in zip(self.weight_names, self.weight_tensors, strict=True)}
         self._inputs = [i["name"] for i in artifact.manifest["inputs"]]
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from functools import cache
 from pathlib import Path
@@ -21,7 +19,7 @@ from PIL import Image
 
 from .errors import InvalidRequestError, WeightsNotFoundError
 from .registry import ModelSpec, read_data
-from .weights import ModelBundle, cache_dir
+from .weights import TINY_FORMAT_VERSION, ModelBundle, build_once, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +72,9 @@ def _build(bundle: ModelBundle, size: str, name: str) -> ControlNetModel:
 
 
 def _tiny_folder(bundle: ModelBundle, name: str) -> Path:
-    folder = cache_dir() / "tiny-v1" / f"{bundle.spec.hub_id.replace('/', '--')}--controlnet-{name}"
-    if not (folder / "config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-        try:
-            _build(bundle, "tiny", name).save_pretrained(tmp)
-            try:
-                tmp.rename(folder)
-            except OSError:
-                if not (folder / "config.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    model = bundle.spec.hub_id.replace("/", "--")
+    folder = cache_dir() / f"tiny-v{TINY_FORMAT_VERSION}" / f"{model}--controlnet-{name}"
+    return build_once(folder, "config.json", lambda tmp: _build(bundle, "tiny", name).save_pretrained(tmp))
 
 
 def load_controlnet(bundle: ModelBundle, name: str, folder: Path | None = None) -> ControlNetModel:

@@ -18,8 +18,8 @@ MAX_SEED = 2**32 - 1
 MAX_IMAGES = 4
 
 
-class GenerationRequest(BaseModel):
-    """One image-generation request. Unset optional fields take the model's defaults (see registry)."""
+class RequestFields(BaseModel):
+    """The fields that the Python/CLI request and the HTTP body share, with their ranges."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -28,10 +28,7 @@ class GenerationRequest(BaseModel):
     prompt_2: str | None = Field(default=None, max_length=10_000)
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     negative_prompt_2: str | None = Field(default=None, max_length=10_000)
-    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
-    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
     backend: Backend = "auto"
-    image: Any = Field(default=None, description="img2img start image (a PIL image)")
     strength: float = Field(default=0.8, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     cfg_scale: float | None = Field(default=None, ge=0.0, le=30.0)
@@ -42,11 +39,19 @@ class GenerationRequest(BaseModel):
     refiner_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     controlnet_name: str | None = None
-    controlnet_image: Any = None
     controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
     control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
     control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
     loras: dict[str, float] | None = None
+
+
+class GenerationRequest(RequestFields):
+    """One image-generation request with decoded images. Unset optional fields take the model's defaults."""
+
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    image: Any = Field(default=None, description="img2img start image (a PIL image)")
+    controlnet_image: Any = Field(default=None, description="ControlNet input image (a PIL image)")
 
     @field_validator("height", "width")
     @classmethod

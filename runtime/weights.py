@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,6 @@ class ModelBundle:
     vae: AutoencoderKL
     text_encoders: dict[str, torch.nn.Module]
     tokenizers: dict[str, CLIPTokenizer]
-    extras: dict[str, object] = field(default_factory=dict)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """Every torch network of the model by component name."""
@@ -116,23 +116,31 @@ def save_diffusers_folder(bundle: ModelBundle, folder: Path, with_weights: bool 
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def tiny_folder(spec: ModelSpec) -> Path:
-    """The diffusers folder of the model's tiny weights, built on first use (atomically) and reused after."""
-    folder = cache_dir() / f"tiny-v{TINY_FORMAT_VERSION}" / spec.hub_id.replace("/", "--")
-    if not (folder / "model_index.json").exists():
+def build_once(folder: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """Return `folder`, first writing it with `write` into a temporary sibling and renaming it into place.
+
+    Concurrent builders race harmlessly: the loser finds the folder complete (its `marker` file exists).
+    """
+    if not (folder / marker).exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
         try:
-            save_diffusers_folder(build_random(spec, "tiny"), tmp)
+            write(tmp)
             try:
                 tmp.rename(folder)
             except OSError:
-                if not (folder / "model_index.json").exists():
+                if not (folder / marker).exists():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("built tiny %s weights in %s", spec.name, folder)
+        log.info("built %s", folder)
     return folder
+
+
+def tiny_folder(spec: ModelSpec) -> Path:
+    """The diffusers folder of the model's tiny weights, built on first use and reused after."""
+    folder = cache_dir() / f"tiny-v{TINY_FORMAT_VERSION}" / spec.hub_id.replace("/", "--")
+    return build_once(folder, "model_index.json", lambda tmp: save_diffusers_folder(build_random(spec, "tiny"), tmp))
 
 
 def load_diffusers_layout(spec: ModelSpec, location: str, source: str, local_only: bool = True) -> ModelBundle:

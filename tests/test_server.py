@@ -253,8 +253,14 @@ def test_a_request_over_the_time_limit_answers_504_and_frees_the_worker():
     try:
         slow = {"model_name": "SD1.5", "prompt": "x", "height": 512, "width": 512, "steps": 50}
         assert_error(post(url, slow), 504)
-        quick = post(url, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1})
-        assert quick.status_code == 200, quick.text
+        quick = {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1}
+        codes = []
+        for _ in range(10):
+            codes.append(post(url, quick).status_code)
+            if codes[-1] == 200:
+                break
+            time.sleep(1)
+        assert codes[-1] == 200, codes
     finally:
         proc.terminate()
         proc.wait(timeout=60)
