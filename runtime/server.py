@@ -240,6 +240,10 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             return error_body(404, f"model {spec.name} is not served here; served: {', '.join(server.pipelines)}",
                               "model_name")
         fields = body.model_dump(exclude={"output_format"}, exclude_none=True)
+        if body.image is not None:
+            for side in ("height", "width"):
+                if side not in body.model_fields_set:
+                    fields.pop(side)
         for key in ("image", "controlnet_image"):
             if key in fields:
                 fields[key] = decode_image(fields[key], key, config.max_pixels)

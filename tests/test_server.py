@@ -102,9 +102,9 @@ def test_img2img_with_a_data_url(server):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
     data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    resp = post(server, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 2,
-                         "image": data_url, "strength": 0.5})
+    resp = post(server, {"model_name": "SD1.5", "prompt": "x", "steps": 2, "image": data_url, "strength": 0.5})
     assert resp.status_code == 200, resp.text
+    assert decode(resp.json()["images"][0]["image"]).size == (64, 64), "img2img keeps the image's size"
 
 
 def test_auth(server):
