@@ -177,17 +177,16 @@ class Pipeline:
         denoising_end = 1.0 - req.refiner_fraction if req.enable_refiner else None
         generators = [torch.Generator().manual_seed(s) for s in plan.seeds]
         latents = self._sample(plan, comps, used, progress, generators, denoising_end=denoising_end)
-        pipe = self
-        if req.enable_refiner:
+        if not req.enable_refiner:
+            images = self._decode(latents, comps, used)
+        else:
             assert self.refiner is not None
-            pipe = self.refiner
             refiner_comps = self.refiner.components(plan)
             refiner_used: dict[str, str] = {}
             latents = self.refiner._sample(plan, refiner_comps, refiner_used, progress, generators, latents=latents,
                                            denoising_start=denoising_end)
+            images = self.refiner._decode(latents, refiner_comps, refiner_used)
             used.update({f"refiner.{k}": v for k, v in refiner_used.items()})
-            comps = refiner_comps
-        images = pipe._decode(latents, comps, used)
         return GenerationResult(images, plan.seeds, time.perf_counter() - start, used, plan)
 
     def _call(self, comps: dict[str, Component], name: str, used: dict[str, str], *inputs: torch.Tensor):

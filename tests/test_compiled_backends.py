@@ -125,3 +125,23 @@ def test_cuda_target_builds_without_a_gpu_and_cpu_runs_ignore_it(tmp_path):
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
     used = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=1))).backends
     assert used["text_encoder"] == "torch"
+
+
+def test_refiner_runs_on_its_own_compiled_artifacts(compiled_root, tmp_path):
+    import shutil
+
+    shutil.copytree(compiled_root / "SDXL1.0-base", tmp_path / "SDXL1.0-base")
+    result = CliRunner().invoke(main, ["compile", "--model", "SDXL1.0-refiner", "--resolution", "64x64",
+                                       "--components", "text_encoder_2,unet,vae_decoder", "--out", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    pipe = load_pipeline("SDXL1.0-base", "tiny", with_refiner=True, artifacts_root=tmp_path)
+    images = {}
+    for backend in ("torch", "tvm"):
+        req = parse_request(dict(model_name="SDXL1.0-base", prompt="a red cube", height=64, width=64, steps=10,
+                                 seed=3, enable_refiner=True, backend=backend))
+        out = pipe.generate(req)
+        assert set(out.backends.values()) == {backend}
+        assert {"refiner.unet", "refiner.text_encoder_2", "refiner.vae_decoder"} <= set(out.backends)
+        images[backend] = out.images[0]
+    assert psnr(images["tvm"], images["torch"]) >= 40
