@@ -110,21 +110,18 @@ class Server:
         """Worker-thread body: skip work whose client is gone, stop between steps when cancelled."""
         if cancel.is_set():
             raise Cancelled()
-        last = [time.perf_counter()]
-        backend = []
+        steps: list[float] = []
 
         def progress(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if backend:
-                self.step_time.labels(backend[0]).observe(now - last[0])
-            last[0] = now
+            steps.append(time.perf_counter())
             if cancel.is_set():
                 raise Cancelled()
 
-        plan = pipe.plan(req)
-        comps = pipe.components(plan)
-        backend.append((comps.get("unet") or comps["unet_controlnet"]).backend)
-        return pipe.generate(req, progress=progress)
+        result = pipe.generate(req, progress=progress)
+        backend = result.backends.get("unet") or result.backends.get("unet_controlnet", "unknown")
+        for earlier, later in zip(steps, steps[1:], strict=False):
+            self.step_time.labels(backend).observe(later - earlier)
+        return result
 
 
 def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
