@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -47,6 +48,7 @@ class Measurement:
     percent_of_peak: float | None = None
     ratio_to_fastest: float | None = None
     rss_after_mb: float | None = None
+    kernel_sum_s: float | None = None
 
 
 def matmul_peak_gflops(size: int = 2048, repeat: int = 5) -> float:
@@ -131,6 +133,7 @@ class Runner:
             return Measurement(component, backend, f"failed: {type(exc).__name__}: {exc}"[:300])
         if isinstance(runner, str):
             return Measurement(component, backend, runner)
+        tuning = (self._tuned(self.job(component)).manifest.get("tuning") or {}) if backend == "tvm" else {}
         with torch.inference_mode():
             first = _timed(lambda: runner(*inputs))
             for _ in range(max(self.warmup - 1, 0)):
@@ -138,7 +141,8 @@ class Runner:
             runs = [_timed(lambda: runner(*inputs)) for _ in range(self.repeat)]
         setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
         return Measurement(component, backend, "ok", statistics.median(runs), min(runs), max(runs), runs,
-                           round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20)
+                           round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20,
+                           kernel_sum_s=tuning.get("kernel_sum_s"))
 
 
 def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list[str], backends: list[str],
@@ -172,7 +176,8 @@ def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list
         "steps": steps, "warmup": warmup, "repeat": repeat, "target": target_key(target),
         "machine": machine_line(), "matmul_peak_gflops": round(peak, 1), "gflop_per_call": gflop,
         "end_to_end_s_per_image": end_to_end(results, components, steps),
-        "peak_rss_mb": psutil.Process().memory_info().rss / 2**20, "results": [asdict(m) for m in results],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "results": [asdict(m) for m in results],
     }
     write_outputs(report, out_dir)
     return report
@@ -222,15 +227,17 @@ def markdown(report: dict) -> str:
     lines = [f"### {report['model']} ({report['weights']} weights) at {report['resolution']}", "",
              f"Machine: {report['machine']}. Matmul peak {report['matmul_peak_gflops']} GFLOP/s. "
              f"Warm-up {report['warmup']}, {report['repeat']} timed runs, median.", "",
-             "| component | backend | × fastest | median s | min–max s | GFLOP/s | % peak | setup s | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| component | backend | × fastest | median s | min–max s | GFLOP/s | % peak | setup s | "
+             "tuned kernel sum s | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         def fmt(v, spec):
             return "–" if v is None else format(v, spec)
         spread = "–" if r["min_s"] is None else f"{r['min_s']:.4f}–{r['max_s']:.4f}"
         lines.append(f"| {r['component']} | {r['backend']} | {fmt(r['ratio_to_fastest'], '.2f')} | "
                      f"{fmt(r['median_s'], '.4f')} | {spread} | {fmt(r['gflops_per_s'], '.1f')} | "
-                     f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | {r['status']} |")
+                     f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | "
+                     f"{fmt(r.get('kernel_sum_s'), '.4f')} | {r['status']} |")
     lines += ["", f"End-to-end seconds per image ({report['steps']} steps, from the medians): " + ", ".join(
         f"{b}: {t if t is not None else '–'}" for b, t in sorted(report["end_to_end_s_per_image"].items())), ""]
     return "\n".join(lines)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+BREADTH_TRIALS = 8
+TOP_TASKS = 15
 
 
 @dataclass
@@ -30,6 +33,9 @@ class TuningReport:
     seconds: float
     scheduled_functions: int
     total_functions: int
+    tasks_with_records: int = 0
+    kernel_sum_s: float = 0.0
+    top_tasks: list[dict] = field(default_factory=list)
 
 
 def parse_budget(text: str) -> float:
@@ -94,9 +100,43 @@ def count_scheduled(mod) -> tuple[int, int]:
     return scheduled, len(funcs)
 
 
+def _tune_task(task, database, db_folder: Path, trials: int, strategy: str, builder, runner) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], work_dir=str(db_folder),
+                                                                              strategy=strategy)
+    ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_folder), max_trials_global=trials,
+                  max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=builder, runner=runner,
+                  database=database, cost_model="random" if strategy == "replay-trace" else "xgb")
+
+
+def kernel_profile(database, tasks: list) -> list[dict]:
+    """Where a call's time goes by the tuning records: best latency x occurrences per task, slowest first.
+
+    Their sum is what the built module should take if the records applied (tasks without records are left
+    out, so the sum is a lower bound when some kernels were never measured).
+    """
+    rows = []
+    for task in tasks:
+        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1) \
+            if database.has_workload(task.dispatched[0]) else []
+        if not best or not best[0].run_secs:
+            continue
+        latency = sum(float(x) for x in best[0].run_secs) / len(best[0].run_secs)
+        rows.append({"task": task.task_name, "occurrences": int(task.weight), "gflop": round(_flops(task) / 1e9, 3),
+                     "best_us": round(latency * 1e6, 1), "seconds_per_call": latency * task.weight,
+                     "gflops_per_s": round(_flops(task) / latency / 1e9, 1)})
+    return sorted(rows, key=lambda r: -r["seconds_per_call"])
+
+
 def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, trials_per_task: int,
                    max_tasks: int | None = None, log: Callable[[str], None] = print) -> tuple[Any, TuningReport]:
-    """Tune the fused module's tasks within the budget, then apply every matching record to it."""
+    """Tune the fused module's tasks within the budget, then apply every matching record to it.
+
+    Two rounds, heaviest task first in each: a cheap breadth round (a few random samples of each task's
+    design space, no cost model) so that every kernel leaves the naive single-threaded loop nest, then the
+    evolutionary search up to `trials_per_task` where the time goes. A budget of 0 only applies records.
+    """
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -106,36 +146,36 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     weighted = sorted(((_flops(t) * t.weight, t) for t in tasks), key=lambda x: -x[0])
     no_flops = sum(1 for w, _ in weighted if w <= 0)
     todo = [t for w, t in weighted if w > 0][:max_tasks]
+    done_before = sum(1 for t in todo if _records(database, t.dispatched[0]) >= trials_per_task)
     runner = ms.runner.LocalRunner(timeout_sec=120,
                                    evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0))
     builder = _in_process_builder()
-    tuned = done_before = trials = 0
-    for i, task in enumerate(todo, 1):
-        have = _records(database, task.dispatched[0])
-        if have >= trials_per_task:
-            done_before += 1
-            continue
-        left = budget_s - (time.perf_counter() - start)
-        if left <= 0:
-            log(f"  tuning budget spent: {i - 1}/{len(todo)} tasks looked at")
-            break
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], work_dir=str(db_folder))
-        want = trials_per_task - have
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_folder), max_trials_global=want,
-                      max_trials_per_task=want, num_trials_per_iter=min(want, 16), builder=builder, runner=runner,
-                      database=database)
-        trials += want
-        tuned += 1
-        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
-        latency = f"{float(best[0].run_secs[0]) * 1e6:.1f} us" if best and best[0].run_secs else "no valid run"
-        log(f"  task {i}/{len(todo)} {task.task_name}: best {latency}; "
-            f"{max(budget_s - (time.perf_counter() - start), 0):.0f} s left")
+    rounds = [(max(1, min(BREADTH_TRIALS, trials_per_task // 2)), "replay-trace"), (trials_per_task, "evolutionary")]
+    touched: set[str] = set()
+    trials = 0
+    for goal, strategy in rounds if budget_s > 0 else []:
+        for i, task in enumerate(todo, 1):
+            have = _records(database, task.dispatched[0])
+            if have >= goal:
+                continue
+            if time.perf_counter() - start >= budget_s:
+                log(f"  tuning budget spent during the {strategy} round ({i - 1}/{len(todo)} tasks)")
+                break
+            _tune_task(task, database, db_folder, goal - have, strategy, builder, runner)
+            trials += _records(database, task.dispatched[0]) - have
+            touched.add(task.task_name)
+            best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+            latency = f"{float(best[0].run_secs[0]) * 1e6:.1f} us" if best and best[0].run_secs else "no valid run"
+            log(f"  [{strategy}] task {i}/{len(todo)} {task.task_name}: best {latency}; "
+                f"{max(budget_s - (time.perf_counter() - start), 0):.0f} s left")
     with target, database:
         applied = relax.transform.MetaScheduleApplyDatabase()(fused)
     scheduled, total = count_scheduled(applied)
-    report = TuningReport(len(tasks), tuned, done_before, no_flops, trials, round(time.perf_counter() - start, 1),
-                          scheduled, total)
-    with_records = sum(1 for _, t in weighted if _records(database, t.dispatched[0]) > 0)
+    profile = kernel_profile(database, [t for _, t in weighted])
+    report = TuningReport(len(tasks), len(touched), done_before, no_flops, trials,
+                          round(time.perf_counter() - start, 1), scheduled, total, len(profile),
+                          round(sum(p["seconds_per_call"] for p in profile), 6), profile[:TOP_TASKS])
+    with_records = len(profile)
     if with_records and not scheduled:
         raise RuntimeError(f"the tuning database has records for {with_records} of this module's workloads but "
                            "none was applied: the build would be silently untuned")

@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from .cpu_schedule import apply_default_cpu_schedules
 from .tuning import TuningReport, count_scheduled, tune_and_apply
 
 
@@ -62,13 +63,15 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     else:
         with target:
             mod = relax.get_pipeline("zero")(mod)
+    scheduled, total = count_scheduled(mod)
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight
 
         with target:
             mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                               dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
-    scheduled, total = count_scheduled(mod)
+    elif target.kind.name == "llvm":
+        mod = apply_default_cpu_schedules(mod, target)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_path))
     return BuildInfo(scheduled if tuning else 0, total, report)

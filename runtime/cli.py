@@ -190,7 +190,8 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
 @click.option("--tune", is_flag=True, help="Tune with MetaSchedule (CPU) before building.")
 @click.option("--tune-budget", default="45m", show_default=True, help="Wall time for tuning, per component.")
 @click.option("--tuning-db", type=click.Path(path_type=Path), default=None,
-              help="Tuning database folder, shared by every model (default: <out>/tuning/<target>).")
+              help="Tuning database folder, shared by every model (default: <out>/tuning/<target>); its records are "
+                   "applied to every CPU build, with or without --tune.")
 @click.option("--trials-per-task", type=int, default=64, show_default=True)
 @click.option("--tune-tasks", type=int, default=None, help="Tune only the N heaviest tasks of each component.")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
@@ -228,6 +229,7 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     tvm_target = resolve_target(target)
     root = root or default_root()
     tuning = None
+    db = tuning_db or root / "tuning" / target_key(tvm_target)
     if tune:
         from sdaot.compiler.tuning import parse_budget
         from sdaot.compiler.tvm_build import TuningOptions
@@ -238,8 +240,12 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
             raise InvalidRequestError(str(exc), param="tune_budget") from exc
         if trials_per_task < 1:
             raise InvalidRequestError("must be at least 1", param="trials_per_task")
-        db = tuning_db or (root or default_root()) / "tuning" / target_key(tvm_target)
         tuning = TuningOptions(db, budget, trials_per_task, tune_tasks)
+    elif (db / "database_tuning_record.json").is_file() and tvm_target.kind.name == "llvm":
+        from sdaot.compiler.tvm_build import TuningOptions
+
+        click.echo(f"applying the tuning records in {db} (no new tuning without --tune)")
+        tuning = TuningOptions(db, 0.0, trials_per_task, tune_tasks)
     bundle = load_weights(spec, weights)
     modules = compile_modules(bundle, controlnet)
     jobs = plan_jobs(bundle, sizes, components.split(",") if components else None, batches, modules)

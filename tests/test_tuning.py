@@ -17,8 +17,9 @@ def records(db_folder):
 
 
 def test_tuning_applies_and_resumes_without_duplicate_trials(tmp_path):
+    """Tune two tasks, resume (no new trial), then build without --tune: the stored records still apply."""
     args = ["compile", "--model", "SD1.5", "--resolution", "64x64", "--components", "unet", "--tune",
-            "--tune-budget", "3m", "--trials-per-task", "4", "--tune-tasks", "2", "--out", str(tmp_path)]
+            "--tune-budget", "8m", "--trials-per-task", "4", "--tune-tasks", "2", "--out", str(tmp_path)]
     first = CliRunner().invoke(main, args, catch_exceptions=False)
     assert first.exit_code == 0, first.output
     assert "task 1/2" in first.output
@@ -39,6 +40,16 @@ def test_tuning_applies_and_resumes_without_duplicate_trials(tmp_path):
     after = records(db)
     assert after == before
     assert len({json.dumps(json.loads(line)) for line in after}) == len(after), "duplicate trials"
+    assert 0 < artifact.manifest["tuning"]["kernel_sum_s"]
+    assert artifact.manifest["tuning"]["tasks_with_records"] == len(artifact.manifest["tuning"]["top_tasks"]) == 2
+
+    untuned_args = [a for a in args if a not in ("--tune",)]
+    applied = CliRunner().invoke(main, untuned_args, catch_exceptions=False)
+    assert applied.exit_code == 0, applied.output
+    assert "applying the tuning records" in applied.output
+    (artifact,) = list_artifacts(tmp_path)
+    assert artifact.manifest["tuned_functions"] == manifest["tuned_functions"]
+    assert artifact.manifest["tuning"]["trials_now"] == 0 and records(db) == before
 
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
     req = dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=3, seed=2)
