@@ -1,8 +1,9 @@
 """`sdaot bench`: every backend side by side on the same inputs, in one process.
 
-For each component it builds what a backend needs (an untuned TVM artifact and the ONNX graph in a
-scratch folder, or reuses tuned artifacts from --artifacts), warms up, repeats, and reports the median and
-spread, achieved GFLOP/s against this machine's measured matmul peak, and ratios to the fastest backend.
+For each component it builds what a backend needs in a scratch folder (an untuned TVM artifact, or only
+the ONNX graph when onnxruntime is the one compiled backend asked for; tuned artifacts come from
+--artifacts), warms up, repeats, and reports the median and spread, achieved GFLOP/s against this
+machine's measured matmul peak, and ratios to the fastest backend.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import onnx
 import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +30,7 @@ from sdaot.runtime.targets import target_key
 from sdaot.runtime.weights import ModelBundle
 
 from .compile import CompileJob, compile_job, compile_modules, example_inputs
+from .export import export_component
 
 BACKENDS = ("tvm", "tvm-untuned", "onnxruntime", "torch", "torch-compile")
 
@@ -103,6 +106,16 @@ class Runner:
         manifest = json.loads((path / "manifest.json").read_text())
         return Artifact(path, manifest), time.perf_counter() - start
 
+    def _exported(self, job: CompileJob) -> tuple[Artifact, float]:
+        """The ONNX graph alone, for onnxruntime when no untuned TVM build was asked for."""
+        start = time.perf_counter()
+        graph = export_component(self.modules[job.component], example_inputs(self.bundle, job, self.modules))
+        folder = self.scratch / f"{job.component}-onnx"
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx.save(graph.model, str(folder / "model.onnx"))
+        manifest = {"batch": job.batch, "inputs": graph.inputs, "weights": graph.weights}
+        return Artifact(folder, manifest), time.perf_counter() - start
+
     def component_backend(self, component: str, backend: str, built: dict):
         """A callable for the backend, or a string saying why it is not available."""
         module = self.modules[component]
@@ -117,11 +130,13 @@ class Runner:
             if tuned is None:
                 return "no tuned artifact (run `sdaot compile --tune`)", None
             return TvmComponent(component, tuned, module), tuned.manifest["build_seconds"]
-        if component not in built:
-            built[component] = self._untuned(job)
-        artifact, seconds = built[component]
-        cls = TvmComponent if backend == "tvm-untuned" else OnnxRuntimeComponent
-        return cls(component, artifact, module), seconds
+        if backend == "tvm-untuned":
+            if component not in built:
+                built[component] = self._untuned(job)
+            artifact, seconds = built[component]
+            return TvmComponent(component, artifact, module), seconds
+        artifact, seconds = built[component] if component in built else self._exported(job)
+        return OnnxRuntimeComponent(component, artifact, module), seconds
 
     def measure(self, component: str, backend: str, built: dict) -> Measurement:
         """Warm up, then time `repeat` calls on identical inputs."""

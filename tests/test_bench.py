@@ -33,3 +33,14 @@ def test_bench_rejects_an_unknown_backend(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--backends", "tensorrt",
                                        "--out", str(tmp_path)])
     assert result.exit_code == 2 and "error: backends: unknown backend 'tensorrt'" in result.output
+
+
+def test_bench_onnxruntime_alone_needs_no_tvm_build(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
+                                       "--components", "text_encoder", "--backends", "onnxruntime,torch",
+                                       "--repeat", "1", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "built TVM library" not in result.output
+    report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
+    onnx_row = next(r for r in report["results"] if r["backend"] == "onnxruntime")
+    assert onnx_row["status"] == "ok" and onnx_row["setup_s"] > 0 and report["peak_rss_mb"] > 100
