@@ -32,6 +32,7 @@ from sdaot.runtime.weights import ModelBundle
 from .compile import CompileJob, compile_job, compile_modules, example_inputs
 from .export import export_component
 
+PROFILE_ROWS = 15
 BACKENDS = ("tvm", "tvm-untuned", "onnxruntime", "torch", "torch-compile")
 
 
@@ -52,6 +53,8 @@ class Measurement:
     ratio_to_fastest: float | None = None
     rss_after_mb: float | None = None
     kernel_sum_s: float | None = None
+    profile: list[dict] = field(default_factory=list)
+    profile_total_s: float | None = None
 
 
 def matmul_peak_gflops(size: int = 2048, repeat: int = 5) -> float:
@@ -80,8 +83,8 @@ class Runner:
     """Builds and times each backend of one model's components at one resolution."""
 
     def __init__(self, bundle: ModelBundle, resolution: tuple[int, int], target, artifacts_root: Path | None,
-                 warmup: int, repeat: int, log: Callable[[str], None] = print) -> None:
-        self.bundle, self.resolution, self.target = bundle, resolution, target
+                 warmup: int, repeat: int, log: Callable[[str], None] = print, profile: bool = False) -> None:
+        self.bundle, self.resolution, self.target, self.profile = bundle, resolution, target, profile
         self.artifacts_root, self.warmup, self.repeat, self.log = artifacts_root, warmup, repeat, log
         self.modules = compile_modules(bundle)
         self.scratch = Path(tempfile.mkdtemp(prefix="sdaot-bench-"))
@@ -154,17 +157,19 @@ class Runner:
             for _ in range(max(self.warmup - 1, 0)):
                 runner(*inputs)
             runs = [_timed(lambda: runner(*inputs)) for _ in range(self.repeat)]
+            profile = runner.profile(*inputs) if self.profile and isinstance(runner, TvmComponent) else []
         setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
         return Measurement(component, backend, "ok", statistics.median(runs), min(runs), max(runs), runs,
                            round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20,
-                           kernel_sum_s=tuning.get("kernel_sum_s"))
+                           kernel_sum_s=tuning.get("kernel_sum_s"), profile=profile[:PROFILE_ROWS],
+                           profile_total_s=sum(row["seconds"] for row in profile) or None)
 
 
 def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list[str], backends: list[str],
               target, artifacts_root: Path | None, steps: int, warmup: int, repeat: int, out_dir: Path,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, profile: bool = False) -> dict:
     """Run every (component, backend) pair and write JSON, Markdown and a PNG chart into out_dir."""
-    runner = Runner(bundle, resolution, target, artifacts_root, warmup, repeat, log)
+    runner = Runner(bundle, resolution, target, artifacts_root, warmup, repeat, log, profile)
     peak = matmul_peak_gflops()
     log(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
     results, gflop, built = [], {}, {}
@@ -255,6 +260,15 @@ def markdown(report: dict) -> str:
                      f"{fmt(r.get('kernel_sum_s'), '.4f')} | {r['status']} |")
     lines += ["", f"End-to-end seconds per image ({report['steps']} steps, from the medians): " + ", ".join(
         f"{b}: {t if t is not None else '–'}" for b, t in sorted(report["end_to_end_s_per_image"].items())), ""]
+    for r in report["results"]:
+        if r.get("profile"):
+            total = r["profile_total_s"]
+            lines += [f"Slowest functions of one {r['backend']} {r['component']} call "
+                      f"({total:.4f} s in all functions):", "",
+                      "| function | calls | seconds | share |", "|---|---|---|---|"]
+            lines += [f"| {row['function']} | {row['calls']} | {row['seconds']:.4f} | "
+                      f"{100 * row['seconds'] / total:.0f} % |" for row in r["profile"]]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -292,10 +292,12 @@ def artifacts(as_json: bool, root: Path | None) -> None:
 @click.option("--target", default="cpu", show_default=True)
 @click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
               help="Where tuned artifacts are looked up for the `tvm` backend.")
+@click.option("--profile", is_flag=True,
+              help="Also time each function of one tvm call (kernels and runtime builtins), slowest first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
               show_default=True)
 def bench(model_name: str, weights: str, resolution: str | None, backends: str, components: str, steps: int,
-          warmup: int, repeat: int, target: str, artifacts_root: Path | None, out_dir: Path) -> None:
+          warmup: int, repeat: int, target: str, artifacts_root: Path | None, profile: bool, out_dir: Path) -> None:
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
     from sdaot.compiler.bench import BACKENDS, run_bench
     from sdaot.compiler.compile import parse_resolution
@@ -316,7 +318,7 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str, 
     size = parse_resolution(resolution) if resolution else spec.native_resolution[::-1]
     bundle = load_weights(spec, weights)
     report = run_bench(bundle, size, [c.strip() for c in components.split(",")], chosen, resolve_target(target),
-                       artifacts_root, steps, warmup, repeat, out_dir, log=click.echo)
+                       artifacts_root, steps, warmup, repeat, out_dir, log=click.echo, profile=profile)
     from sdaot.compiler.bench import markdown
 
     click.echo(markdown(report))

@@ -110,6 +110,34 @@ class TvmComponent(_Chunked):
         return tuple(torch.from_dlpack(o).clone() for o in outs)
 
 
+    def profile(self, *inputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Wall seconds per VM call (kernels and runtime builtins) of one run, slowest first: where time goes."""
+        import time
+
+        import tvm
+
+        totals: dict[str, list[float]] = {}
+        started: list[float] = []
+
+        def instrument(func: Any, symbol: str, before_run: bool, ret_value: Any, *args: Any) -> int:
+            if before_run:
+                started.append(time.perf_counter())
+            else:
+                entry = totals.setdefault(symbol, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - started.pop()
+            return 0
+
+        self.vm.set_instrument(tvm.runtime.convert(instrument))
+        try:
+            self._run(tuple(x[:self.batch] for x in inputs))
+        finally:
+            self.vm.set_instrument(None)
+        rows = [{"function": name, "calls": int(calls), "seconds": seconds}
+                for name, (calls, seconds) in totals.items()]
+        return sorted(rows, key=lambda r: -r["seconds"])
+
+
 class OnnxRuntimeComponent(_Chunked):
     """A component run by onnxruntime from an artifact's model.onnx (CUDA provider where available)."""
 

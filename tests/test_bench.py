@@ -11,7 +11,8 @@ from sdaot.runtime.cli import main
 def test_bench_reports_each_backend_with_ratios(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
                                        "--components", "text_encoder,vae_decoder", "--backends",
-                                       "tvm,tvm-untuned,onnxruntime,torch", "--repeat", "2", "--out", str(tmp_path)],
+                                       "tvm,tvm-untuned,onnxruntime,torch", "--repeat", "2", "--profile",
+                                       "--out", str(tmp_path)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
@@ -24,7 +25,12 @@ def test_bench_reports_each_backend_with_ratios(tmp_path):
         assert report["gflop_per_call"][component] > 0
     assert rows[("vae_decoder", "tvm-untuned")]["setup_s"] > 0
     assert report["matmul_peak_gflops"] > 0 and "TVM" in report["machine"]
-    assert "| vae_decoder | onnxruntime |" in (tmp_path / "bench-SD1.5-tiny-64x64.md").read_text()
+    table = (tmp_path / "bench-SD1.5-tiny-64x64.md").read_text()
+    assert "| vae_decoder | onnxruntime |" in table
+    profile = rows[("vae_decoder", "tvm-untuned")]["profile"]
+    assert any("conv2d" in row["function"] for row in profile) and all(row["seconds"] > 0 for row in profile)
+    assert "Slowest functions of one tvm-untuned vae_decoder call" in table
+    assert not rows[("vae_decoder", "torch")]["profile"]
     with Image.open(tmp_path / "bench-SD1.5-tiny-64x64.png") as chart:
         assert chart.format == "PNG" and chart.size[0] > 100
 
