@@ -120,38 +120,38 @@ class Runner:
         return Artifact(folder, manifest), time.perf_counter() - start
 
     def component_backend(self, component: str, backend: str, built: dict):
-        """A callable for the backend, or a string saying why it is not available."""
+        """(a callable for the backend or a string saying why it is not available, setup seconds, tuning report)."""
         module = self.modules[component]
         job = self.job(component)
         if backend == "torch":
-            return TorchComponent(component, module), 0.0
+            return TorchComponent(component, module), 0.0, {}
         if backend == "torch-compile":
             compiled = torch.compile(module)
-            return (lambda *xs: compiled(*xs)), 0.0
+            return (lambda *xs: compiled(*xs)), 0.0, {}
         if backend == "tvm":
             tuned = self._tuned(job)
             if tuned is None:
-                return "no tuned artifact (run `sdaot compile --tune`)", None
-            return TvmComponent(component, tuned, module), tuned.manifest["build_seconds"]
+                return "no tuned artifact (run `sdaot compile --tune`)", None, {}
+            return (TvmComponent(component, tuned, module), tuned.manifest["build_seconds"],
+                    tuned.manifest.get("tuning") or {})
         if backend == "tvm-untuned":
             if component not in built:
                 built[component] = self._untuned(job)
             artifact, seconds = built[component]
-            return TvmComponent(component, artifact, module), seconds
+            return TvmComponent(component, artifact, module), seconds, {}
         artifact, seconds = built[component] if component in built else self._exported(job)
-        return OnnxRuntimeComponent(component, artifact, module), seconds
+        return OnnxRuntimeComponent(component, artifact, module), seconds, {}
 
     def measure(self, component: str, backend: str, built: dict) -> Measurement:
         """Warm up, then time `repeat` calls on identical inputs."""
         torch.manual_seed(0)
         inputs = example_inputs(self.bundle, self.job(component), self.modules)
         try:
-            runner, setup = self.component_backend(component, backend, built)
+            runner, setup, tuning = self.component_backend(component, backend, built)
         except Exception as exc:  # a backend that cannot build or load is reported, not fatal
             return Measurement(component, backend, f"failed: {type(exc).__name__}: {exc}"[:300])
         if isinstance(runner, str):
             return Measurement(component, backend, runner)
-        tuning = (self._tuned(self.job(component)).manifest.get("tuning") or {}) if backend == "tvm" else {}
         with torch.inference_mode():
             first = _timed(lambda: runner(*inputs))
             for _ in range(max(self.warmup - 1, 0)):
