@@ -4,7 +4,8 @@ Tasks are the fused TIR functions of the Relax module that `tvm.compile` will bu
 found afterwards by `MetaScheduleApplyDatabase` are keyed by exactly those functions. Builds run in this
 process (MetaSchedule's default builder starts a fresh worker pool per batch, ~30 s here), the runner's
 pool is started once, and tasks are tuned heaviest first (FLOPs x occurrences) until the budget is spent.
-Pure data-movement tasks (no arithmetic) are skipped. A workload that already has enough records in the
+Pure data-movement tasks (no arithmetic) are skipped. Candidates are timed with as many threads as
+the built module will run with (threads.py). A workload that already has enough records in the
 database is never tuned again, whichever model, resolution or component it came from.
 """
 
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sdaot.runtime.threads import use_all_cores
 
 BREADTH_TRIALS = 8
 TOP_TASKS = 15
@@ -36,6 +39,7 @@ class TuningReport:
     tasks_with_records: int = 0
     kernel_sum_s: float = 0.0
     top_tasks: list[dict] = field(default_factory=list)
+    threads: int = 1
 
 
 def parse_budget(text: str) -> float:
@@ -147,6 +151,7 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     no_flops = sum(1 for w, _ in weighted if w <= 0)
     todo = [t for w, t in weighted if w > 0][:max_tasks]
     done_before = sum(1 for t in todo if _records(database, t.dispatched[0]) >= trials_per_task)
+    threads = use_all_cores()
     runner = ms.runner.LocalRunner(timeout_sec=120,
                                    evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0))
     builder = _in_process_builder()
@@ -174,7 +179,7 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     profile = kernel_profile(database, [t for _, t in weighted])
     report = TuningReport(len(tasks), len(touched), done_before, no_flops, trials,
                           round(time.perf_counter() - start, 1), scheduled, total, len(profile),
-                          round(sum(p["seconds_per_call"] for p in profile), 6), profile[:TOP_TASKS])
+                          round(sum(p["seconds_per_call"] for p in profile), 6), profile[:TOP_TASKS], threads)
     with_records = len(profile)
     if with_records and not scheduled:
         raise RuntimeError(f"the tuning database has records for {with_records} of this module's workloads but "

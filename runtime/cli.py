@@ -11,6 +11,7 @@ import click
 
 from .errors import InvalidRequestError, SdaotError
 from .registry import all_models
+from .threads import use_all_cores
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -29,6 +30,7 @@ class SdaotGroup(click.Group):
 @click.group(cls=SdaotGroup)
 def main() -> None:
     """sdaot: ahead-of-time compiled Stable Diffusion with a PyTorch fallback, served over HTTP."""
+    use_all_cores()
 
 
 @main.command()

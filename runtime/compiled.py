@@ -14,6 +14,7 @@ from torch import nn
 
 from .artifacts import Artifact, file_sha256, weights_signature
 from .errors import BackendUnavailableError
+from .threads import use_all_cores
 
 ALIGNMENT = 64
 
@@ -92,6 +93,7 @@ class TvmComponent(_Chunked):
         import tvm
         from tvm import relax
 
+        use_all_cores()
         super().__init__(name, artifact, module)
         try:
             lib = tvm.runtime.load_module(str(artifact.path / "lib.so"))

@@ -13,8 +13,11 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
+from sdaot.runtime.threads import use_all_cores
+
 _CACHE = Path(tempfile.mkdtemp(prefix="sdaot-test-cache-"))
 os.environ.setdefault("SDAOT_CACHE", str(_CACHE))
+use_all_cores()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,12 @@
-"""Default CPU schedules keep every kernel's result exact: tiled transposes and the parallel fallback."""
+"""Default CPU schedules keep every kernel's result exact (tiled transposes, parallel fallback); TVM uses every core."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm import te
 
@@ -55,3 +60,16 @@ def test_arithmetic_kernels_get_the_parallel_fallback_and_stay_exact():
     out = tvm.runtime.tensor(np.zeros((32, 16), np.float32))
     library(tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
     np.testing.assert_allclose(out.numpy(), x @ y, rtol=1e-5)
+
+
+def tvm_threads_in_fresh_process(env: dict[str, str]) -> int:
+    code = ("from sdaot.runtime.threads import use_all_cores; use_all_cores(); import tvm; "
+            "print(tvm.get_global_func('runtime.NumThreads')())")
+    clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], env=clean | env, capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def test_tvm_kernels_use_as_many_threads_as_torch_unless_told_otherwise():
+    assert tvm_threads_in_fresh_process({}) == torch.get_num_threads()
+    assert tvm_threads_in_fresh_process({"TVM_NUM_THREADS": "1"}) == 1
