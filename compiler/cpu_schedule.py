@@ -42,13 +42,13 @@ def _transposed_axes(sch: Any, info: Any) -> tuple[int, int] | None:
     block = sch.get(info.block_rv)
     if len(block.reads) != 1 or len(block.writes) != 1 or set(info.dom_kind()) != {"S"}:
         return None
-    names = [iv.var for iv in block.iter_vars]
+    iter_vars = [iv.var for iv in block.iter_vars]
     read, write = block.reads[0].region, block.writes[0].region
     if len(read) < 2 or not all(isinstance(r.min, tirx.Var) for r in list(read) + list(write)):
         return None
     written, source = write[-1].min, read[-1].min
-    positions = [next((i for i, v in enumerate(names) if v.same_as(x)), None) for x in (written, source)]
-    if None in positions or positions[0] == positions[1] or positions[0] != len(names) - 1:
+    positions = [next((i for i, v in enumerate(iter_vars) if v.same_as(x)), None) for x in (written, source)]
+    if None in positions or positions[0] == positions[1] or positions[0] != len(iter_vars) - 1:
         return None
     extents = [sch.get(info.iters[p].loop_rv).extent for p in positions]
     if not all(isinstance(e, tirx.IntImm) and e.value % TRANSPOSE_TILE == 0 for e in extents):
