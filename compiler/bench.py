@@ -1,9 +1,10 @@
 """`sdaot bench`: every backend side by side on the same inputs, in one process.
 
-For each component it builds what a backend needs in a scratch folder (an untuned TVM artifact, or only
-the ONNX graph when onnxruntime is the one compiled backend asked for; tuned artifacts come from
---artifacts), warms up, repeats, and reports the median and spread, achieved GFLOP/s against this
-machine's measured matmul peak, and ratios to the fastest backend.
+For each component it builds what a backend needs in a scratch folder (a TVM artifact built without
+tuning records, or only the ONNX graph when onnxruntime is the one compiled backend asked for; `tvm` runs
+the artifact `sdaot compile` wrote under --artifacts, with the tuning records it applied), warms up,
+repeats, and reports the median and spread, achieved GFLOP/s against this machine's measured matmul peak,
+and ratios to the fastest backend.
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ class Runner:
         batch = 1 if component != "unet" or self.bundle.spec.default_cfg_scale <= 1 else 2
         return CompileJob(component, None if size_free else self.resolution, batch)
 
-    def _tuned(self, job: CompileJob) -> Artifact | None:
+    def _compiled(self, job: CompileJob) -> Artifact | None:
+        """The artifact `sdaot compile` wrote under --artifacts for this job (with whatever records it applied)."""
         for artifact in list_artifacts(self.artifacts_root):
-            m = artifact.manifest
             if (artifact.model, artifact.component, artifact.resolution, artifact.batch) == (
                     self.bundle.spec.name, job.component, resolution_key(job.resolution), job.batch) \
-                    and m.get("tuned") and artifact.target_key == target_key(self.target):
+                    and artifact.target_key == target_key(self.target):
                 return artifact
         return None
 
@@ -129,11 +130,11 @@ class Runner:
             compiled = torch.compile(module)
             return (lambda *xs: compiled(*xs)), 0.0, {}
         if backend == "tvm":
-            tuned = self._tuned(job)
-            if tuned is None:
-                return "no tuned artifact (run `sdaot compile --tune`)", None, {}
-            return (TvmComponent(component, tuned, module), tuned.manifest["build_seconds"],
-                    tuned.manifest.get("tuning") or {})
+            compiled = self._compiled(job)
+            if compiled is None:
+                return "no artifact under --artifacts (run `sdaot compile`)", None, {}
+            return (TvmComponent(component, compiled, module), compiled.manifest["build_seconds"],
+                    compiled.manifest.get("tuning") or {})
         if backend == "tvm-untuned":
             if component not in built:
                 built[component] = self._untuned(job)

@@ -2,8 +2,17 @@
 
 Without a schedule every TIR kernel is a naive single-threaded loop nest (the text encoder ran at
 0.9 GFLOP/s that way). DLight's CPU rules (GEMV, row reductions) made the tiny UNet 25 % slower
-single-threaded here, so they are not used. Two rules instead:
+single-threaded here, so they are not used. Three rules instead:
 
+- `RegisterBlocked`, for a fused NCHW convolution (padding, conv, bias/residual/timestep adds) or a fused
+  (batched) matmul: a block of output channels (matmul: rows) x output columns accumulated in registers
+  over the whole reduction, the columns as vectors, the epilogue applied as each block is written.
+  Convolutions run rows and channel blocks in parallel (wide images row by row, so that the input rows a
+  block reads stay in cache for every channel block); matmuls run column panels in parallel, each panel
+  of the right-hand matrix staying in cache while every row block passes it. No layout change, so
+  weights stay the caller's tensors. On the full-size SD1.5 UNet's kernels it runs at 170-220 GFLOP/s on
+  2 cores, as fast as torch's oneDNN convolutions and faster than its matmuls; MetaSchedule's random
+  samples of the same convolutions ran at 23-95 GFLOP/s.
 - `TiledTranspose`: a copy whose innermost output axis is not the input's innermost axis (the transposed
   weight of every linear layer, since weights are graph inputs; NCHW <-> NHWC moves) reads memory with a
   stride in a plain loop nest. Walking it in 8x8 tiles keeps both sides in cache lines: a 3072x768 weight
@@ -18,6 +27,8 @@ from typing import Any
 
 PARALLEL_CHUNKS = 64
 TRANSPOSE_TILE = 8
+CONV_ITERS = "SSSSRRR"
+CONV_ROWS_FIRST_WIDTH = 128
 
 
 def _parallel_leading(sch: Any, loops: list[Any], kinds: str) -> None:
@@ -56,10 +67,157 @@ def _transposed_axes(sch: Any, info: Any) -> tuple[int, int] | None:
     return positions[0], positions[1]
 
 
+def convolution_tiles(out_channels: int, width: int, window: int) -> tuple[int, int]:
+    """(output channels, output columns) of one register block, for a kernel window of `window` taps.
+
+    Measured on the SD1.5 UNet's and VAE's convolutions (2 cores, AVX-512): 3x3 windows run fastest with
+    4 channels x 32 columns or 8 x 16 (8 vector accumulators, each input vector reused 9 times); a 1x1
+    window reads a new input vector per multiply-add row, so it needs more channels per vector: 16 x 16.
+    """
+    columns = _largest_tile(width, 32 if window > 1 else 16)
+    wanted = 16 if window == 1 else 4 if columns >= 32 else 8
+    return _largest_tile(out_channels, wanted), columns
+
+
+def matmul_tiles(rows: int, columns: int) -> tuple[int, int] | None:
+    """(rows, columns) of one matmul register block, or None where the columns are no multiple of 8.
+
+    Columns must be a power of two: 40- or 80-wide vectors ran at 10 GFLOP/s here. Any row count up to 8
+    works (77 text tokens: 7 rows per block).
+    """
+    width = _largest_tile(columns, 32)
+    if width < 8:
+        return None
+    return next(r for r in range(8, 0, -1) if rows % r == 0), width
+
+
+def _largest_tile(extent: int, most: int) -> int:
+    """The largest power of two up to `most` that divides `extent`."""
+    tile = most
+    while extent % tile:
+        tile //= 2
+    return tile
+
+
+def _static_extents(sch: Any, loops: list[Any]) -> list[int] | None:
+    from tvm import tirx
+
+    extents = [sch.get(loop).extent for loop in loops]
+    return [e.value for e in extents] if all(isinstance(e, tirx.IntImm) for e in extents) else None
+
+
+def _inline_around(sch: Any, name_prefix: str, iter_kinds: str) -> tuple[Any, Any] | None:
+    """Find the one block named `name_prefix`* with these iterator kinds and inline every element-wise block
+    around it except its direct producers (padding) and the function's output (its epilogue).
+
+    Returns (block, output block), or None when the function is not shaped that way."""
+    from tvm.s_tir import ScheduleError
+    from tvm.s_tir.dlight.analysis import get_sblock_info
+
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    found = [b for b in blocks if sch.get(b).name_hint.startswith(name_prefix)
+             and "".join(get_sblock_info(sch, b).dom_kind()) == iter_kinds]
+    outputs = sch.get_output_blocks(root)
+    if len(found) != 1 or len(outputs) != 1:
+        return None
+    block, output = found[0], outputs[0]
+    keep = {sch.get(b).name_hint for b in (block, output, *sch.get_producers(block))}
+    try:
+        for other in blocks:
+            if sch.get(other).name_hint not in keep:
+                sch.compute_inline(other)
+    except ScheduleError:
+        return None
+    return block, output
+
+
+def _accumulate_in_registers(sch: Any, block: Any, output: Any, parallel: list[Any], at: Any,
+                             reduction: list[Any], rows: Any, columns: Any) -> None:
+    """Loop order parallel, at, reduction, rows, columns; the rows x columns block of results lives in
+    registers (a local buffer, rows unrolled, columns as vectors) for the whole reduction and is written,
+    through the epilogue, once per block."""
+    sch.reorder(*parallel, at, *reduction, rows, columns)
+    accumulators = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulators, at)
+    written = [accumulators]
+    if sch.get(output).name_hint != sch.get(block).name_hint:
+        sch.reverse_compute_at(output, at)
+        written.append(output)
+    sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
+    sch.unroll(rows)
+    sch.vectorize(columns)
+    sch.decompose_reduction(block, reduction[0])
+    for result in written:
+        *outer, inner = sch.get_loops(result)[2:]
+        sch.vectorize(inner)
+        for loop in outer:
+            sch.unroll(loop)
+
+
+def _schedule_convolution(sch: Any) -> bool:
+    """Schedule a function holding one NCHW convolution and element-wise blocks around it; False if it is not."""
+    found = _inline_around(sch, "conv2d_nchw", CONV_ITERS)
+    if found is None:
+        return False
+    conv, output = found
+    batch, channel, row, column, *reduction = sch.get_loops(conv)
+    extents = _static_extents(sch, [channel, column, *reduction])
+    if extents is None:
+        return False
+    channels, columns = convolution_tiles(extents[0], extents[1], extents[3] * extents[4])
+    channel_outer, channel_inner = sch.split(channel, [None, channels])
+    column_outer, column_inner = sch.split(column, [None, columns])
+    rows_first = extents[1] >= CONV_ROWS_FIRST_WIDTH
+    parallel = [batch, row, channel_outer] if rows_first else [batch, channel_outer, row]
+    padding = sch.get_producers(conv)
+    _accumulate_in_registers(sch, conv, output, parallel, column_outer, reduction, channel_inner, column_inner)
+    for block in padding:
+        loops = sch.get_loops(block)
+        _parallel_leading(sch, loops[:-1], "S" * (len(loops) - 1))
+    return True
+
+
+def _schedule_matmul(sch: Any) -> bool:
+    """Schedule a function holding one (batched) matmul and its element-wise epilogue; False if it is not."""
+    for batch_dims in (0, 1, 2):
+        found = _inline_around(sch, "matmul", "S" * (batch_dims + 2) + "R")
+        if found is not None:
+            break
+    else:
+        return False
+    matmul, output = found
+    if sch.get_producers(matmul):
+        return False
+    *batch, row, column, reduction = sch.get_loops(matmul)
+    extents = _static_extents(sch, [row, column])
+    tiles = matmul_tiles(*extents) if extents else None
+    if tiles is None:
+        return False
+    row_outer, row_inner = sch.split(row, [None, tiles[0]])
+    column_outer, column_inner = sch.split(column, [None, tiles[1]])
+    _accumulate_in_registers(sch, matmul, output, [*batch, column_outer], row_outer, [reduction], row_inner,
+                             column_inner)
+    return True
+
+
 def _rules() -> list[Any]:
     from tvm import s_tir, tirx
+    from tvm.s_tir import dlight
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    class RegisterBlocked(CPUScheduleRule):
+        """Register-blocked, vectorized convolutions and matmuls with their element-wise epilogues."""
+
+        def apply(self, func: Any, target: Any, _: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            for schedule in (_schedule_convolution, _schedule_matmul):
+                sch = s_tir.Schedule(func)
+                if schedule(sch):
+                    return sch
+            return None
 
     class TiledTranspose(CPUScheduleRule):
         """8x8 tiles for copies that change the innermost axis; the output rows are written as vectors."""
@@ -102,11 +260,19 @@ def _rules() -> list[Any]:
                 _parallel_leading(sch, loops[:-1], kinds[:-1])
             return sch
 
-    return [TiledTranspose(), ParallelFallback()]
+    return [RegisterBlocked(), dlight.cpu.Reduction(), TiledTranspose(), ParallelFallback()]
+
+
+def apply_register_blocked_schedules(mod: Any, target: Any) -> Any:
+    """Schedule every convolution and matmul kernel of a CPU module; they are then left out of tuning."""
+    from tvm.s_tir import dlight
+
+    with target:
+        return dlight.ApplyDefaultSchedule(_rules()[0])(mod)
 
 
 def apply_default_cpu_schedules(mod: Any, target: Any) -> Any:
-    """Give every still-unscheduled kernel of a CPU module a default schedule (tiled transpose or parallel)."""
+    """Give every still-unscheduled kernel of a CPU module a default schedule (convolution, transpose, parallel)."""
     from tvm.s_tir import dlight
 
     with target:

@@ -4,7 +4,8 @@ Tasks are the fused TIR functions of the Relax module that `tvm.compile` will bu
 found afterwards by `MetaScheduleApplyDatabase` are keyed by exactly those functions. Builds run in this
 process (MetaSchedule's default builder starts a fresh worker pool per batch, ~30 s here), the runner's
 pool is started once, and tasks are tuned heaviest first (FLOPs x occurrences) until the budget is spent.
-Pure data-movement tasks (no arithmetic) are skipped. Candidates are timed with as many threads as
+Pure data-movement tasks (no arithmetic) are skipped, and so are kernels that already carry a schedule
+(the CPU convolutions, cpu_schedule.py). Candidates are timed with as many threads as
 the built module will run with (threads.py). A workload that already has enough records in the
 database is never tuned again, whichever model, resolution or component it came from.
 """
@@ -32,6 +33,7 @@ class TuningReport:
     tasks_tuned_now: int
     tasks_skipped_done: int
     tasks_skipped_no_flops: int
+    tasks_skipped_scheduled: int
     trials_now: int
     seconds: float
     scheduled_functions: int
@@ -95,6 +97,12 @@ def _flops(task) -> float:
         return 0.0
 
 
+def _scheduled(task) -> bool:
+    """Whether the task's kernel already has a schedule of its own (cpu_schedule.py's convolutions)."""
+    return any(f.attrs is not None and f.attrs.get("tirx.is_scheduled", None)
+               for f in task.dispatched[0].functions.values())
+
+
 def count_scheduled(mod) -> tuple[int, int]:
     """(functions that carry a tuned schedule, all TIR functions) of a module."""
     import tvm
@@ -147,9 +155,10 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     start = time.perf_counter()
     database = open_database(db_folder)
     tasks = ms.relax_integration.extract_tasks(fused, target)
-    weighted = sorted(((_flops(t) * t.weight, t) for t in tasks), key=lambda x: -x[0])
+    weighted = sorted(((_flops(t) * t.weight, t) for t in tasks if not _scheduled(t)), key=lambda x: -x[0])
     no_flops = sum(1 for w, _ in weighted if w <= 0)
     todo = [t for w, t in weighted if w > 0][:max_tasks]
+    scheduled_before, _ = count_scheduled(fused)
     done_before = sum(1 for t in todo if _records(database, t.dispatched[0]) >= trials_per_task)
     threads = use_all_cores()
     runner = ms.runner.LocalRunner(timeout_sec=120,
@@ -176,8 +185,9 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     with target, database:
         applied = relax.transform.MetaScheduleApplyDatabase()(fused)
     scheduled, total = count_scheduled(applied)
+    scheduled -= scheduled_before
     profile = kernel_profile(database, [t for _, t in weighted])
-    report = TuningReport(len(tasks), len(touched), done_before, no_flops, trials,
+    report = TuningReport(len(tasks), len(touched), done_before, no_flops, len(tasks) - len(weighted), trials,
                           round(time.perf_counter() - start, 1), scheduled, total, len(profile),
                           round(sum(p["seconds_per_call"] for p in profile), 6), profile[:TOP_TASKS], threads)
     with_records = len(profile)

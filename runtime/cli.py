@@ -293,7 +293,7 @@ def artifacts(as_json: bool, root: Path | None) -> None:
 @click.option("--repeat", type=int, default=3, show_default=True)
 @click.option("--target", default="cpu", show_default=True)
 @click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
-              help="Where tuned artifacts are looked up for the `tvm` backend.")
+              help="Where the `tvm` backend finds the artifacts `sdaot compile` built (none: `tvm` is skipped).")
 @click.option("--profile", is_flag=True,
               help="Also time each function of one tvm call (kernels and runtime builtins), slowest first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),

@@ -1,4 +1,5 @@
-"""Default CPU schedules keep every kernel's result exact (tiled transposes, parallel fallback); TVM uses every core."""
+"""Default CPU schedules keep every kernel's result exact (convolutions, tiled transposes, parallel fallback);
+TVM uses every core."""
 
 import os
 import subprocess
@@ -8,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import te
+from tvm import relax, te
 
-from sdaot.compiler.cpu_schedule import apply_default_cpu_schedules
+from sdaot.compiler.cpu_schedule import (
+    apply_default_cpu_schedules,
+    apply_register_blocked_schedules,
+    convolution_tiles,
+    matmul_tiles,
+)
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -73,3 +79,103 @@ def tvm_threads_in_fresh_process(env: dict[str, str]) -> int:
 def test_tvm_kernels_use_as_many_threads_as_torch_unless_told_otherwise():
     assert tvm_threads_in_fresh_process({}) == torch.get_num_threads()
     assert tvm_threads_in_fresh_process({"TVM_NUM_THREADS": "1"}) == 1
+
+
+def fused_convolution(shape: tuple[int, int, int, int], out_channels: int, kernel: int, stride: int,
+                      epilogue: bool) -> tvm.IRModule:
+    """conv2d (+ bias + residual + a per-sample embedding, as in a UNet resnet block), legalized and fused."""
+    n, c, h, w = shape
+    out_h, out_w = ((d + 2 * (kernel // 2) - kernel) // stride + 1 for d in (h, w))
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    weight = relax.Var("weight", relax.TensorType((out_channels, c, kernel, kernel), "float32"))
+    bias = relax.Var("bias", relax.TensorType((1, out_channels, 1, 1), "float32"))
+    emb = relax.Var("emb", relax.TensorType((n, out_channels), "float32"))
+    residual = relax.Var("residual", relax.TensorType((n, out_channels, out_h, out_w), "float32"))
+    builder = relax.BlockBuilder()
+    params = [x, weight, bias, emb, residual] if epilogue else [x, weight]
+    with builder.function("main", params):
+        with builder.dataflow():
+            y = builder.emit(relax.op.nn.conv2d(x, weight, strides=stride, padding=kernel // 2))
+            if epilogue:
+                y = builder.emit(relax.op.add(y, bias))
+                y = builder.emit(relax.op.add(y, relax.op.expand_dims(emb, [2, 3])))
+                y = builder.emit(relax.op.add(y, residual))
+            out = builder.emit_output(y)
+        builder.emit_func_output(out)
+    with TARGET:
+        return relax.get_pipeline("zero")(builder.get())
+
+
+@pytest.mark.parametrize(("shape", "out_channels", "kernel", "stride", "epilogue"), [
+    ((2, 8, 16, 16), 12, 3, 1, True),    # a resnet conv: bias, timestep embedding and residual fused in
+    ((1, 6, 12, 20), 4, 3, 1, False),    # width not a multiple of 8, channels not of 8
+    ((2, 8, 16, 16), 16, 1, 1, True),    # 1x1 (shortcut, proj_in/out)
+    ((1, 8, 16, 16), 8, 3, 2, False),    # downsampler
+    ((1, 3, 8, 136), 5, 3, 1, False),    # wide image: row-first order
+])
+def test_convolutions_get_the_register_blocked_schedule_and_stay_exact(shape, out_channels, kernel, stride,
+                                                                       epilogue):
+    fused = fused_convolution(shape, out_channels, kernel, stride, epilogue)
+    convs = apply_register_blocked_schedules(fused, TARGET)
+    kernels = [gv for gv, f in convs.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and convs[kernels[0]].attrs["tirx.is_scheduled"]
+    assert "T.vectorized" in convs[kernels[0]].script() and "local" in convs[kernels[0]].script()
+    library = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(convs, TARGET), target=TARGET), tvm.cpu())
+    rng = np.random.default_rng(2)
+    n, c, h, w = shape
+    x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+    weight = torch.from_numpy(rng.standard_normal((out_channels, c, kernel, kernel), dtype=np.float32))
+    expected = torch.nn.functional.conv2d(x, weight, stride=stride, padding=kernel // 2)
+    args = [x, weight]
+    if epilogue:
+        extras = [torch.from_numpy(rng.standard_normal(s, dtype=np.float32))
+                  for s in ((1, out_channels, 1, 1), (n, out_channels), tuple(expected.shape))]
+        expected = expected + extras[0] + extras[1][:, :, None, None] + extras[2]
+        args += extras
+    out = library["main"](*(tvm.runtime.tensor(a.numpy()) for a in args))
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def fused_matmul(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool) -> tvm.IRModule:
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    c = relax.Var("c", relax.TensorType((b_shape[-1],), "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [a, b, c] if bias else [a, b]):
+        with builder.dataflow():
+            y = builder.emit(relax.op.matmul(a, b))
+            if bias:
+                y = builder.emit(relax.op.add(y, c))
+            out = builder.emit_output(y)
+        builder.emit_func_output(out)
+    with TARGET:
+        return relax.get_pipeline("zero")(builder.get())
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape", "bias", "blocked"), [
+    ((1, 77, 48), (48, 64), True, True),           # a linear layer on 77 text tokens (7-row blocks)
+    ((2, 3, 16, 8), (2, 3, 8, 48), False, True),   # attention scores per head
+    ((2, 16, 24), (24, 20), True, False),          # 20 columns: no power-of-two vector, left to the fallback
+])
+def test_matmuls_get_register_blocks_where_the_columns_allow_and_stay_exact(a_shape, b_shape, bias, blocked):
+    scheduled = apply_register_blocked_schedules(fused_matmul(a_shape, b_shape, bias), TARGET)
+    kernel = next(f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    assert bool(kernel.attrs and kernel.attrs.get("tirx.is_scheduled")) == blocked
+    library = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(scheduled, TARGET), target=TARGET),
+                                   tvm.cpu())
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal(s, dtype=np.float32) for s in (a_shape, b_shape))
+    c = rng.standard_normal(b_shape[-1], dtype=np.float32)
+    out = library["main"](*(tvm.runtime.tensor(x) for x in ([a, b, c] if bias else [a, b])))
+    np.testing.assert_allclose(out.numpy(), a @ b + (c if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+def test_convolution_tiles_fit_the_shape():
+    assert convolution_tiles(320, 64, 9) == (4, 32)
+    assert convolution_tiles(1280, 8, 9) == (8, 8)
+    assert convolution_tiles(320, 64, 1) == (16, 16)
+    assert convolution_tiles(4, 64, 9) == (4, 32)
+    assert convolution_tiles(3, 20, 9) == (1, 4)
+    assert matmul_tiles(77, 3072) == (7, 32)
+    assert matmul_tiles(4096, 40) == (8, 8)
+    assert matmul_tiles(16, 20) is None
