@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import attention
+
 PARALLEL_CHUNKS = 64
 TRANSPOSE_TILE = 8
 CONV_ITERS = "SSSSRRR"
 CONV_ROWS_FIRST_WIDTH = 128
+ATTENTION_ROWS = 8
 
 
 def _parallel_leading(sch: Any, loops: list[Any], kinds: str) -> None:
@@ -136,7 +139,7 @@ def _accumulate_in_registers(sch: Any, block: Any, output: Any, parallel: list[A
                              reduction: list[Any], rows: Any, columns: Any) -> None:
     """Loop order parallel, at, reduction, rows, columns; the rows x columns block of results lives in
     registers (a local buffer, rows unrolled, columns as vectors) for the whole reduction and is written,
-    through the epilogue, once per block."""
+    through the epilogue, once per block. With no `parallel` loops, `at` must sit under one outer loop."""
     sch.reorder(*parallel, at, *reduction, rows, columns)
     accumulators = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(accumulators, at)
@@ -144,7 +147,8 @@ def _accumulate_in_registers(sch: Any, block: Any, output: Any, parallel: list[A
     if sch.get(output).name_hint != sch.get(block).name_hint:
         sch.reverse_compute_at(output, at)
         written.append(output)
-    sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
+    if parallel:
+        sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
     sch.unroll(rows)
     sch.vectorize(columns)
     sch.decompose_reduction(block, reduction[0])
@@ -201,6 +205,39 @@ def _schedule_matmul(sch: Any) -> bool:
     return True
 
 
+def _schedule_attention(sch: Any) -> bool:
+    """Schedule attention.py's fused attention: per block of query rows (in parallel), the scores, their
+    softmax and the output rows, all on a block-sized slice of the score matrix that stays in cache."""
+    from tvm.s_tir.dlight.analysis import get_sblock_info
+
+    root = sch.get_sblock("root")
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    if not names or names[0] != attention.SCORES or names[-1] != attention.OUTPUT:
+        return False
+    element_wise = [b for b in names[1:-1] if "R" not in get_sblock_info(sch, sch.get_sblock(b)).dom_kind()]
+    output = sch.get_sblock(attention.OUTPUT)
+    *lead, row, column, reduction = sch.get_loops(output)
+    extents = _static_extents(sch, [row, column])
+    if extents is None or _largest_tile(extents[1], 32) < 8:
+        return False
+    row_outer, row_inner = sch.split(row, [None, _largest_tile(extents[0], ATTENTION_ROWS)])
+    sch.reorder(*lead, row_outer, row_inner, reduction, column)
+    query_block = sch.fuse(*lead, row_outer)
+    sch.parallel(query_block)
+    for name in reversed(names[:-1]):
+        sch.compute_at(sch.get_sblock(name), query_block)
+    scores = sch.get_sblock(attention.SCORES)
+    score_row, score_column, depth = sch.get_loops(scores)[1:]
+    score_outer, score_inner = sch.split(score_column, [None, 32])
+    _accumulate_in_registers(sch, scores, scores, [], score_outer, [depth], score_row, score_inner)
+    for name in element_wise:
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, 16])[1])
+    row_inner, reduction, column = sch.get_loops(output)[1:]
+    column_outer, column_inner = sch.split(column, [None, _largest_tile(extents[1], 32)])
+    _accumulate_in_registers(sch, output, output, [], column_outer, [reduction], row_inner, column_inner)
+    return True
+
+
 def _rules() -> list[Any]:
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight
@@ -213,7 +250,7 @@ def _rules() -> list[Any]:
         def apply(self, func: Any, target: Any, _: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
-            for schedule in (_schedule_convolution, _schedule_matmul):
+            for schedule in (_schedule_attention, _schedule_convolution, _schedule_matmul):
                 sch = s_tir.Schedule(func)
                 if schedule(sch):
                     return sch

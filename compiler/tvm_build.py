@@ -12,7 +12,9 @@ from typing import Any
 
 import onnx
 
+from .attention import fuse_attention
 from .cpu_schedule import apply_default_cpu_schedules, apply_register_blocked_schedules
+from .fast_math import use_fast_math
 from .tuning import TuningReport, count_scheduled, tune_and_apply
 
 
@@ -44,10 +46,10 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     exporter's `Transpose(W)` before each linear layer cannot be folded away: it runs every call, as a
     tiled copy (cpu_schedule.py) feeding a row-major matmul. Fusing it into the matmul instead
     (`relax.transform.FuseTransposeMatmul`) was slower here: the fused kernels reached 34 GFLOP/s tuned.
-    Softmax, exp, erf and tanh use TVM's fast approximations (`FastMathTransform`): LLVM turns the exact
-    ones into one scalar libm call per element, which made the attention softmax 26 % of a UNet call.
-    On CPUs, convolutions and matmuls get their register-blocked schedule (cpu_schedule.py) before tuning:
-    they are neither tuned nor replaced by records, since that schedule runs at the machine's matmul peak.
+    On CPUs each attention becomes one kernel (attention.py); transcendental functions use fast
+    approximations (fast_math.py). On CPUs, attentions, convolutions and matmuls
+    get their register-blocked schedule (cpu_schedule.py) before tuning: they are neither tuned nor
+    replaced by records, since that schedule runs at the machine's matmul peak.
     """
     import tvm
     from tvm import relax
@@ -57,9 +59,11 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         warnings.simplefilter("ignore")
         mod = from_onnx(model, keep_params_in_input=False)
     mod, _ = relax.frontend.detach_params(mod)
-    mod = relax.transform.FastMathTransform()(mod)
-    report = None
     cpu = target.kind.name == "llvm"
+    if cpu:
+        mod = fuse_attention(mod)
+    mod = use_fast_math(mod)
+    report = None
     if tuning is not None:
         if cpu and "num-cores" not in target.attrs:
             target = tvm.target.Target({**json.loads(str(target)), "num-cores": os.cpu_count() or 1})

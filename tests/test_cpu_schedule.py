@@ -11,6 +11,7 @@ import torch
 import tvm
 from tvm import relax, te
 
+from sdaot.compiler.attention import fuse_attention
 from sdaot.compiler.cpu_schedule import (
     apply_default_cpu_schedules,
     apply_register_blocked_schedules,
@@ -179,3 +180,36 @@ def test_convolution_tiles_fit_the_shape():
     assert matmul_tiles(77, 3072) == (7, 32)
     assert matmul_tiles(4096, 40) == (8, 8)
     assert matmul_tiles(16, 20) is None
+
+
+def attention_graph(heads: int, queries: int, keys: int, depth: int) -> tvm.IRModule:
+    shapes = {"q": (2, heads, queries, depth), "key_t": (2, heads, depth, keys), "value": (2, heads, keys, depth)}
+    params = {name: relax.Var(name, relax.TensorType(shape, "float32")) for name, shape in shapes.items()}
+    builder = relax.BlockBuilder()
+    with builder.function("main", list(params.values())):
+        with builder.dataflow():
+            scores = builder.emit(relax.op.matmul(params["q"], params["key_t"]))
+            probs = builder.emit(relax.op.nn.softmax(scores, axis=-1))
+            out = builder.emit_output(builder.emit(relax.op.matmul(probs, params["value"])))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+@pytest.mark.parametrize(("queries", "keys", "fused"), [(48, 64, True), (32, 77, False)])
+def test_attention_is_one_kernel_with_a_cached_score_block_and_stays_exact(queries, keys, fused):
+    graph = fuse_attention(attention_graph(3, queries, keys, 40))
+    assert any(gv.name_hint.startswith("fused_attention") for gv in graph.get_global_vars()) == fused
+    with TARGET:
+        built = apply_register_blocked_schedules(relax.get_pipeline("zero")(graph), TARGET)
+    kernels = {gv.name_hint: f for gv, f in built.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    if fused:
+        (kernel,) = kernels.values()
+        assert kernel.attrs["tirx.is_scheduled"] and "T.parallel" in kernel.script()
+    library = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(built, TARGET), target=TARGET), tvm.cpu())
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 3, queries, 40), dtype=np.float32)
+    key_t = rng.standard_normal((2, 3, 40, keys), dtype=np.float32)
+    value = rng.standard_normal((2, 3, keys, 40), dtype=np.float32)
+    out = library["main"](*(tvm.runtime.tensor(x) for x in (q, key_t, value)))
+    expected = torch.softmax(torch.from_numpy(q) @ torch.from_numpy(key_t), dim=-1) @ torch.from_numpy(value)
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
