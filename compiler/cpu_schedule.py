@@ -31,7 +31,6 @@ PARALLEL_CHUNKS = 64
 TRANSPOSE_TILE = 8
 CONV_ITERS = "SSSSRRR"
 CONV_ROWS_FIRST_WIDTH = 128
-ATTENTION_ROWS = 8
 
 
 def _parallel_leading(sch: Any, loops: list[Any], kinds: str) -> None:
@@ -206,35 +205,43 @@ def _schedule_matmul(sch: Any) -> bool:
 
 
 def _schedule_attention(sch: Any) -> bool:
-    """Schedule attention.py's fused attention: per block of query rows (in parallel), the scores, their
-    softmax and the output rows, all on a block-sized slice of the score matrix that stays in cache."""
-    from tvm.s_tir.dlight.analysis import get_sblock_info
-
+    """Schedule attention.py's fused attention: per block of 32 query rows (in parallel), the transposed
+    scores (16 keys x 32 queries in registers), the softmax statistics and the weighted values (8 value
+    columns x 32 queries), all on a block-sized slice of the score matrix that stays in cache."""
     root = sch.get_sblock("root")
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
-    if not names or names[0] != attention.SCORES or names[-1] != attention.OUTPUT:
+    if attention.SCORES not in names or names[-1] != attention.OUTPUT:
         return False
-    element_wise = [b for b in names[1:-1] if "R" not in get_sblock_info(sch, sch.get_sblock(b)).dom_kind()]
     output = sch.get_sblock(attention.OUTPUT)
-    *lead, row, column, reduction = sch.get_loops(output)
-    extents = _static_extents(sch, [row, column])
-    if extents is None or _largest_tile(extents[1], 32) < 8:
+    *lead, row, column = sch.get_loops(output)
+    scores = sch.get_sblock(attention.SCORES)
+    extents = _static_extents(sch, [row, column, sch.get_loops(scores)[-3]])
+    if extents is None or extents[0] % 16:
         return False
-    row_outer, row_inner = sch.split(row, [None, _largest_tile(extents[0], ATTENTION_ROWS)])
-    sch.reorder(*lead, row_outer, row_inner, reduction, column)
+    rows, column_tile, key_tile = _largest_tile(extents[0], 32), _largest_tile(extents[1], 8), \
+        _largest_tile(extents[2], 16)
+    row_outer, row_inner = sch.split(row, [None, rows])
+    sch.reorder(*lead, row_outer, column, row_inner)
     query_block = sch.fuse(*lead, row_outer)
     sch.parallel(query_block)
     for name in reversed(names[:-1]):
         sch.compute_at(sch.get_sblock(name), query_block)
-    scores = sch.get_sblock(attention.SCORES)
-    score_row, score_column, depth = sch.get_loops(scores)[1:]
-    score_outer, score_inner = sch.split(score_column, [None, 32])
-    _accumulate_in_registers(sch, scores, scores, [], score_outer, [depth], score_row, score_inner)
-    for name in element_wise:
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, 16])[1])
-    row_inner, reduction, column = sch.get_loops(output)[1:]
-    column_outer, column_inner = sch.split(column, [None, _largest_tile(extents[1], 32)])
-    _accumulate_in_registers(sch, output, output, [], column_outer, [reduction], row_inner, column_inner)
+    products = {attention.SCORES: key_tile, "attention_weighted": column_tile}
+    statistics = ("attention_max", "attention_sum")
+    for name, tile in products.items():
+        block = sch.get_sblock(name)
+        outer_axis, query, reduction = sch.get_loops(block)[1:]
+        outer, inner = sch.split(outer_axis, [None, tile])
+        _accumulate_in_registers(sch, block, block, [], outer, [reduction], inner, query)
+    for name in statistics:
+        block = sch.get_sblock(name)
+        query, keys = sch.get_loops(block)[1:]
+        sch.reorder(keys, query)
+        sch.vectorize(query)
+        sch.decompose_reduction(block, keys)
+    for name in names:
+        if name not in products and name not in statistics:
+            sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     return True
 
 
@@ -245,7 +252,7 @@ def _rules() -> list[Any]:
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
     class RegisterBlocked(CPUScheduleRule):
-        """Register-blocked, vectorized convolutions and matmuls with their element-wise epilogues."""
+        """Register-blocked, vectorized attentions, convolutions and matmuls with their element-wise epilogues."""
 
         def apply(self, func: Any, target: Any, _: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):

@@ -17,6 +17,7 @@ import onnx
 import onnxslim
 import torch
 from onnx import helper
+from onnx.external_data_helper import load_external_data_for_model
 
 OPSET = 17
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
@@ -58,7 +59,11 @@ def _weights_to_inputs(model: onnx.ModelProto, params: dict[str, torch.Tensor]) 
 
 
 def export_component(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedGraph:
-    """Export `module` (a Component module with input_names/output_names) to a checked, slimmed ONNX graph."""
+    """Export `module` (a Component module with input_names/output_names) to a checked, slimmed ONNX graph.
+
+    A module over 2 GB (the SDXL UNet) is written by torch with its tensors in external files; the weights
+    among them are never read back (they become inputs), so the export holds one copy of them, torch's.
+    """
     params = dict(module.named_parameters())
     with tempfile.TemporaryDirectory(prefix="sdaot-export-") as tmp:
         path = Path(tmp) / "raw.onnx"
@@ -67,8 +72,9 @@ def export_component(module: torch.nn.Module, example_inputs: tuple[torch.Tensor
             torch.onnx.export(module, example_inputs, str(path), input_names=list(module.input_names),
                               output_names=list(module.output_names), opset_version=OPSET, dynamo=False,
                               do_constant_folding=False)
-        model = onnx.load(str(path))
-    _weights_to_inputs(model, params)
+        model = onnx.load(str(path), load_external_data=False)
+        _weights_to_inputs(model, params)
+        load_external_data_for_model(model, tmp)
     onnx.checker.check_model(model)
     model = onnxslim.slim(model)
     onnx.checker.check_model(model)

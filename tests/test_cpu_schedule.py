@@ -195,7 +195,7 @@ def attention_graph(heads: int, queries: int, keys: int, depth: int) -> tvm.IRMo
     return builder.get()
 
 
-@pytest.mark.parametrize(("queries", "keys", "fused"), [(48, 64, True), (32, 77, False)])
+@pytest.mark.parametrize(("queries", "keys", "fused"), [(48, 64, True), (32, 77, True), (20, 64, False)])
 def test_attention_is_one_kernel_with_a_cached_score_block_and_stays_exact(queries, keys, fused):
     graph = fuse_attention(attention_graph(3, queries, keys, 40))
     assert any(gv.name_hint.startswith("fused_attention") for gv in graph.get_global_vars()) == fused
