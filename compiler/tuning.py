@@ -12,6 +12,7 @@ database is never tuned again, whichever model, resolution or component it came 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -88,6 +89,34 @@ def _records(database, task_mod) -> int:
     return len(database.get_top_k(database.commit_workload(task_mod), 1 << 20))
 
 
+class TuningAttempts:
+    """How far each workload's tuning has been taken, kept beside the database (`attempts.json`).
+
+    A small kernel's design space can hold fewer distinct schedules than the trials asked for, so its record
+    count never reaches the goal; without this, every resumed run would tune it again.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "attempts.json"
+        self.goals: dict[str, int] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @staticmethod
+    def _key(task) -> str:
+        import tvm_ffi
+
+        return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+    def progress(self, database, task) -> int:
+        """Trials this workload counts as done: its records, or the goal a finished run already aimed for."""
+        return max(_records(database, task.dispatched[0]), self.goals.get(self._key(task), 0))
+
+    def reached(self, task, goal: int) -> None:
+        """Record that a run tuned this workload up to `goal` trials (written at once: runs can be killed)."""
+        key = self._key(task)
+        self.goals[key] = max(goal, self.goals.get(key, 0))
+        self.path.write_text(json.dumps(self.goals, indent=0, sort_keys=True))
+
+
 def _flops(task) -> float:
     import tvm
 
@@ -159,7 +188,8 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     no_flops = sum(1 for w, _ in weighted if w <= 0)
     todo = [t for w, t in weighted if w > 0][:max_tasks]
     scheduled_before, _ = count_scheduled(fused)
-    done_before = sum(1 for t in todo if _records(database, t.dispatched[0]) >= trials_per_task)
+    attempts = TuningAttempts(db_folder)
+    done_before = sum(1 for t in todo if attempts.progress(database, t) >= trials_per_task)
     threads = use_all_cores()
     runner = ms.runner.LocalRunner(timeout_sec=120,
                                    evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0))
@@ -169,14 +199,15 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     trials = 0
     for goal, strategy in rounds if budget_s > 0 else []:
         for i, task in enumerate(todo, 1):
-            have = _records(database, task.dispatched[0])
-            if have >= goal:
+            if attempts.progress(database, task) >= goal:
                 continue
             if time.perf_counter() - start >= budget_s:
                 log(f"  tuning budget spent during the {strategy} round ({i - 1}/{len(todo)} tasks)")
                 break
+            have = _records(database, task.dispatched[0])
             _tune_task(task, database, db_folder, goal - have, strategy, builder, runner)
             trials += _records(database, task.dispatched[0]) - have
+            attempts.reached(task, goal)
             touched.add(task.task_name)
             best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
             latency = f"{float(best[0].run_secs[0]) * 1e6:.1f} us" if best and best[0].run_secs else "no valid run"
