@@ -5,7 +5,7 @@ found afterwards by `MetaScheduleApplyDatabase` are keyed by exactly those funct
 process (MetaSchedule's default builder starts a fresh worker pool per batch, ~30 s here), the runner's
 pool is started once, and tasks are tuned heaviest first (FLOPs x occurrences) until the budget is spent.
 Pure data-movement tasks (no arithmetic) are skipped, and so are kernels that already carry a schedule
-(the CPU convolutions, cpu_schedule.py). Candidates are timed with as many threads as
+(attentions, convolutions and matmuls on CPUs: cpu_schedule.py). Candidates are timed with as many threads as
 the built module will run with (threads.py). A workload that already has enough records in the
 database is never tuned again, whichever model, resolution or component it came from.
 """
@@ -127,13 +127,13 @@ def _flops(task) -> float:
 
 
 def _scheduled(task) -> bool:
-    """Whether the task's kernel already has a schedule of its own (cpu_schedule.py's convolutions)."""
+    """Whether the task's kernel already has a schedule of its own (cpu_schedule.py's register-blocked ones)."""
     return any(f.attrs is not None and f.attrs.get("tirx.is_scheduled", None)
                for f in task.dispatched[0].functions.values())
 
 
 def count_scheduled(mod) -> tuple[int, int]:
-    """(functions that carry a tuned schedule, all TIR functions) of a module."""
+    """(functions that carry a schedule, all TIR functions) of a module."""
     import tvm
 
     funcs = [mod[gv] for gv in mod.get_global_vars() if isinstance(mod[gv], tvm.tirx.PrimFunc)]
