@@ -68,16 +68,17 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         if cpu and "num-cores" not in target.attrs:
             target = tvm.target.Target({**json.loads(str(target)), "num-cores": os.cpu_count() or 1})
         with target:
-            fused = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                              relax.transform.CanonicalizeBindings(),
-                                              relax.get_pipeline("zero")])(mod)
-        if cpu:
-            fused = apply_register_blocked_schedules(fused, target)
-        mod, report = tune_and_apply(fused, target, tuning.database, tuning.budget_s, tuning.trials_per_task,
-                                     tuning.max_tasks, log)
+            mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                            relax.transform.CanonicalizeBindings(),
+                                            relax.get_pipeline("zero")])(mod)
     else:
         with target:
             mod = relax.get_pipeline("zero")(mod)
+    if cpu:
+        mod = apply_register_blocked_schedules(mod, target)
+    if tuning is not None:
+        mod, report = tune_and_apply(mod, target, tuning.database, tuning.budget_s, tuning.trials_per_task,
+                                     tuning.max_tasks, log)
     _, total = count_scheduled(mod)
     if target.kind.name == "cuda":
         from tvm.s_tir import dlight
