@@ -178,8 +178,8 @@ def tune_and_apply(fused: Any, target: Any, db_folder: Path, budget_s: float, tr
     design space, no cost model) so that every kernel leaves the naive single-threaded loop nest, then the
     evolutionary search up to `trials_per_task` where the time goes. A budget of 0 only applies records.
     The breadth round's samples are independent, so a small design space can have one schedule measured
-    twice there (the committed database repeats a schedule 111 times in 1,930 records); the evolutionary round
-    skips every schedule the database already holds, and a resumed run measures nothing already reached.
+    twice (the committed database repeats a schedule 111 times in 1,930 records); a resumed run measures
+    nothing for a task that has already reached its round's goal.
     """
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
