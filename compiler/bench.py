@@ -10,6 +10,7 @@ and ratios to the fastest backend.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
@@ -19,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import psutil
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdaot.runtime.artifacts import Artifact, list_artifacts, resolution_key
@@ -34,6 +37,8 @@ from .compile import CompileJob, compile_job, compile_modules, example_inputs
 from .export import export_component
 
 PROFILE_ROWS = 15
+QUALITY_GATE_DB = 35.0
+QUALITY_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 BACKENDS = ("tvm", "tvm-untuned", "onnxruntime", "torch", "torch-compile")
 
 
@@ -56,6 +61,8 @@ class Measurement:
     kernel_sum_s: float | None = None
     profile: list[dict] = field(default_factory=list)
     profile_total_s: float | None = None
+    conv_algorithm: str | None = None
+    rel_err_vs_torch: float | None = None
 
 
 def matmul_peak_gflops(size: int = 2048, repeat: int = 5) -> float:
@@ -89,6 +96,7 @@ class Runner:
         self.artifacts_root, self.warmup, self.repeat, self.log = artifacts_root, warmup, repeat, log
         self.modules = compile_modules(bundle)
         self.scratch = Path(tempfile.mkdtemp(prefix="sdaot-bench-"))
+        self.outputs: dict[tuple[str, str], torch.Tensor] = {}
 
     def job(self, component: str) -> CompileJob:
         size_free = component in ("text_encoder", "text_encoder_2")
@@ -153,23 +161,74 @@ class Runner:
             return Measurement(component, backend, f"failed: {type(exc).__name__}: {exc}"[:300])
         if isinstance(runner, str):
             return Measurement(component, backend, runner)
+        last: list[object] = [None]
+
+        def call() -> None:
+            last[0] = runner(*inputs)
+
         with torch.inference_mode():
-            first = _timed(lambda: runner(*inputs))
+            first = _timed(call)
             for _ in range(max(self.warmup - 1, 0)):
-                runner(*inputs)
-            runs = [_timed(lambda: runner(*inputs)) for _ in range(self.repeat)]
+                call()
+            runs = [_timed(call) for _ in range(self.repeat)]
             profile = runner.profile(*inputs) if self.profile and isinstance(runner, TvmComponent) else []
+        self.outputs[(component, backend)] = flat_output(last[0])
         setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
+        algorithm = runner.artifact.manifest.get("conv_algorithm", "direct") if isinstance(runner, TvmComponent) \
+            else None
         return Measurement(component, backend, "ok", statistics.median(runs), min(runs), max(runs), runs,
                            round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20,
                            kernel_sum_s=tuning.get("kernel_sum_s"), profile=profile[:PROFILE_ROWS],
-                           profile_total_s=sum(row["seconds"] for row in profile) or None)
+                           profile_total_s=sum(row["seconds"] for row in profile) or None,
+                           conv_algorithm=algorithm)
+
+
+def flat_output(output: object) -> torch.Tensor:
+    """A component's outputs (a tensor or a tuple of them) as one flat fp32 vector, for comparing backends."""
+    tensors = [output] if isinstance(output, torch.Tensor) else list(output)
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||output - reference|| / ||reference||: the per-call deviation the quality gate bounds (1e-2)."""
+    return float(torch.linalg.vector_norm(output - reference) / torch.linalg.vector_norm(reference))
+
+
+def image_psnr(a: Image.Image, b: Image.Image) -> float:
+    """PSNR in dB between two 8-bit images of one size (inf when identical)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def image_quality(bundle: ModelBundle, resolution: tuple[int, int], artifacts_root: Path | None, steps: int,
+                  out_dir: Path, log: Callable[[str], None] = print) -> dict:
+    """One image with the compiled artifacts (backend auto) and one with torch, same prompt and seed, and the
+    PSNR between them: the end-to-end quality gate for anything the compiler changes in the arithmetic."""
+    from sdaot.runtime.pipeline import Pipeline
+    from sdaot.runtime.request import parse_request
+
+    pipeline = Pipeline(bundle, artifacts_root=artifacts_root)
+    request = {"model_name": bundle.spec.name, "prompt": QUALITY_PROMPT, "width": resolution[0],
+               "height": resolution[1], "steps": steps, "seed": 0}
+    images, report = {}, {"steps": steps, "seed": 0, "prompt": QUALITY_PROMPT, "gate_db": QUALITY_GATE_DB}
+    for backend in ("auto", "torch"):
+        log(f"quality: {steps}-step image on backend {backend} ...")
+        result = pipeline.generate(parse_request(request | {"backend": backend}))
+        images[backend] = result.images[0]
+        result.images[0].save(out_dir / f"quality-{backend}.png")
+        report[f"{backend}_backends"] = result.backends
+        report[f"{backend}_seconds"] = round(result.inference_time, 2)
+    report["psnr_db"] = round(image_psnr(images["auto"], images["torch"]), 2)
+    report["passed"] = report["psnr_db"] >= QUALITY_GATE_DB
+    return report
 
 
 def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list[str], backends: list[str],
               target, artifacts_root: Path | None, steps: int, warmup: int, repeat: int, out_dir: Path,
-              log: Callable[[str], None] = print, profile: bool = False) -> dict:
-    """Run every (component, backend) pair and write JSON, Markdown and a PNG chart into out_dir."""
+              log: Callable[[str], None] = print, profile: bool = False, quality_steps: int = 0) -> dict:
+    """Run every (component, backend) pair and write JSON, Markdown and a PNG chart into out_dir; with
+    `quality_steps`, also the image quality gate (compiled artifacts against torch)."""
     runner = Runner(bundle, resolution, target, artifacts_root, warmup, repeat, log, profile)
     peak = matmul_peak_gflops()
     log(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
@@ -190,8 +249,14 @@ def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list
     for component in components:
         done = [m for m in results if m.component == component and m.median_s]
         fastest = min((m.median_s for m in done), default=None)
+        reference = runner.outputs.get((component, "torch"))
         for m in done:
             m.ratio_to_fastest = m.median_s / fastest
+            if reference is not None and m.backend != "torch":
+                m.rel_err_vs_torch = relative_error(runner.outputs[(component, m.backend)], reference)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quality = image_quality(bundle, resolution, artifacts_root, quality_steps, out_dir, log) if quality_steps \
+        else None
     report = {
         "model": bundle.spec.name, "weights": bundle.source, "resolution": resolution_key(resolution),
         "steps": steps, "warmup": warmup, "repeat": repeat, "target": target_key(target),
@@ -199,6 +264,7 @@ def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list
         "end_to_end_s_per_image": end_to_end(results, components, steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": [asdict(m) for m in results],
+        "quality": quality,
     }
     write_outputs(report, out_dir)
     return report
@@ -249,18 +315,27 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']}. Matmul peak {report['matmul_peak_gflops']} GFLOP/s. "
              f"Warm-up {report['warmup']}, {report['repeat']} timed runs, median.", "",
              "| component | backend | × fastest | median s | min–max s | GFLOP/s | % peak | setup s | "
-             "tuned kernel sum s | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "tuned kernel sum s | rel. err. vs torch | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         def fmt(v, spec):
             return "–" if v is None else format(v, spec)
         spread = "–" if r["min_s"] is None else f"{r['min_s']:.4f}–{r['max_s']:.4f}"
-        lines.append(f"| {r['component']} | {r['backend']} | {fmt(r['ratio_to_fastest'], '.2f')} | "
+        backend = r["backend"] + (f" ({r['conv_algorithm']} conv)" if r.get("conv_algorithm") else "")
+        lines.append(f"| {r['component']} | {backend} | {fmt(r['ratio_to_fastest'], '.2f')} | "
                      f"{fmt(r['median_s'], '.4f')} | {spread} | {fmt(r['gflops_per_s'], '.1f')} | "
                      f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | "
-                     f"{fmt(r.get('kernel_sum_s'), '.4f')} | {r['status']} |")
+                     f"{fmt(r.get('kernel_sum_s'), '.4f')} | {fmt(r.get('rel_err_vs_torch'), '.1e')} | "
+                     f"{r['status']} |")
     lines += ["", f"End-to-end seconds per image ({report['steps']} steps, from the medians): " + ", ".join(
         f"{b}: {t if t is not None else '–'}" for b, t in sorted(report["end_to_end_s_per_image"].items())), ""]
+    quality = report.get("quality")
+    if quality:
+        verdict = "passes" if quality["passed"] else "FAILS"
+        lines += [f"Quality gate ({quality['steps']} steps, seed {quality['seed']}): the image with the compiled "
+                  f"artifacts ({', '.join(f'{c}: {b}' for c, b in quality['auto_backends'].items())}) is "
+                  f"{quality['psnr_db']} dB PSNR from torch's; {verdict} the {quality['gate_db']} dB gate "
+                  f"({quality['auto_seconds']} s against torch's {quality['torch_seconds']} s).", ""]
     for r in report["results"]:
         if r.get("profile"):
             total = r["profile_total_s"]

@@ -121,7 +121,7 @@ def example_inputs(bundle: ModelBundle, job: CompileJob,
 
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
                 log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None,
-                tuning: TuningOptions | None = None) -> Path:
+                tuning: TuningOptions | None = None, conv_algorithm: str = "direct") -> Path:
     """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
     import tvm
 
@@ -136,10 +136,13 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         onnx.save(graph.model, str(tmp / "model.onnx"))
         exported = time.perf_counter()
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")
-        info = build_library(graph.model, target, tmp / "lib.so", tuning=tuning, log=log)
+        info = build_library(graph.model, target, tmp / "lib.so", tuning=tuning, log=log,
+                             conv_algorithm=conv_algorithm)
         built = time.perf_counter()
         tuned_note = f", {info.scheduled_functions} with tuned schedules" if tuning else ""
-        log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note})")
+        winograd_note = f", {info.winograd_convolutions} convolutions by Winograd" if conv_algorithm != "direct" else ""
+        log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note}"
+            f"{winograd_note})")
         manifest = {
             "format_version": FORMAT_VERSION,
             "sdaot_version": VERSION,
@@ -163,6 +166,8 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
             "total_functions": info.total_functions,
             "tuning": asdict(info.tuning) if info.tuning else None,
             "tuning_database": str(tuning.database) if tuning else None,
+            "conv_algorithm": conv_algorithm,
+            "winograd_convolutions": info.winograd_convolutions,
             "build_seconds": round(built - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

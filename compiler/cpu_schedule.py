@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import attention
+from . import attention, winograd
 
 PARALLEL_CHUNKS = 64
 TRANSPOSE_TILE = 8
@@ -245,6 +245,86 @@ def _schedule_attention(sch: Any) -> bool:
     return True
 
 
+def _block_names(sch: Any) -> list[str]:
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
+def _schedule_winograd_weight(sch: Any) -> bool:
+    """winograd.py's weight transform: per output channel (in parallel), the 36 transformed values of 16
+    input channels at a time, as vectors."""
+    if _block_names(sch) != [winograd.WEIGHT]:
+        return False
+    block = sch.get_sblock(winograd.WEIGHT)
+    a, b, out, inner = sch.get_loops(block)
+    extents = _static_extents(sch, [inner])
+    if extents is None:
+        return False
+    inner_outer, inner_lanes = sch.split(inner, [None, _largest_tile(extents[0], 16)])
+    sch.reorder(out, inner_outer, a, b, inner_lanes)
+    sch.parallel(out)
+    sch.unroll(a)
+    sch.unroll(b)
+    sch.vectorize(inner_lanes)
+    return True
+
+
+def _schedule_winograd_input(sch: Any) -> bool:
+    """winograd.py's input transform: per channel and row of tiles (in parallel), the row pass over the six
+    input rows those tiles read, then the column pass with the tiles of the row as vector lanes."""
+    if _block_names(sch)[-2:] != [winograd.INPUT_ROWS, winograd.INPUT]:
+        return False
+    for name in _block_names(sch)[:-2]:
+        sch.compute_inline(sch.get_sblock(name))
+    rows, block = sch.get_sblock(winograd.INPUT_ROWS), sch.get_sblock(winograd.INPUT)
+    width = _static_extents(sch, sch.get_loops(rows)[-1:])
+    if width is None:
+        return False
+    a, b, channel, tile = sch.get_loops(block)
+    tile_row, tile_column = sch.split(tile, [None, (width[0] - 2) // winograd.TILE])
+    sch.reorder(channel, tile_row, a, b, tile_column)
+    task = sch.fuse(channel, tile_row)
+    sch.parallel(task)
+    sch.unroll(a)
+    sch.unroll(b)
+    sch.vectorize(tile_column)
+    sch.compute_at(rows, task)
+    row_a, column = sch.get_loops(rows)[-2:]
+    sch.unroll(row_a)
+    sch.vectorize(column)
+    return True
+
+
+def _schedule_winograd_output(sch: Any) -> bool:
+    """winograd.py's output transform with the convolution's epilogue: per image, output channel and row of
+    tiles (in parallel), the column pass as vectors over the row's tiles, then the row pass and the
+    epilogue, writing each output row's tiles as vector lanes (stride 4)."""
+    names = _block_names(sch)
+    if winograd.OUTPUT_COLUMNS not in names or winograd.OUTPUT not in names:
+        return False
+    found = _inline_around(sch, winograd.OUTPUT_COLUMNS, "SSSS")
+    if found is None:
+        return False
+    columns, output = found
+    loops = sch.get_loops(output)
+    if len(loops) != 4:
+        return False
+    batch, channel, y, x = loops
+    tile_row, row = sch.split(y, [None, winograd.TILE])
+    tile_column, column = sch.split(x, [None, winograd.TILE])
+    sch.reorder(batch, channel, tile_row, row, column, tile_column)
+    task = sch.fuse(batch, channel, tile_row)
+    sch.parallel(task)
+    sch.unroll(row)
+    sch.unroll(column)
+    sch.vectorize(tile_column)
+    sch.compute_at(columns, task)
+    a, c, tile = sch.get_loops(columns)[-3:]
+    sch.unroll(a)
+    sch.unroll(c)
+    sch.vectorize(tile)
+    return True
+
+
 def _rules() -> list[Any]:
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight
@@ -257,7 +337,8 @@ def _rules() -> list[Any]:
         def apply(self, func: Any, target: Any, _: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
-            for schedule in (_schedule_attention, _schedule_convolution, _schedule_matmul):
+            for schedule in (_schedule_attention, _schedule_convolution, _schedule_matmul, _schedule_winograd_weight,
+                             _schedule_winograd_input, _schedule_winograd_output):
                 sch = s_tir.Schedule(func)
                 if schedule(sch):
                     return sch

@@ -16,6 +16,7 @@ from .attention import fuse_attention
 from .cpu_schedule import apply_default_cpu_schedules, apply_register_blocked_schedules
 from .fast_math import use_fast_math
 from .tuning import TuningReport, count_scheduled, tune_and_apply
+from .winograd import use_winograd
 
 
 @dataclass
@@ -35,10 +36,11 @@ class BuildInfo:
     scheduled_functions: int
     total_functions: int
     tuning: TuningReport | None
+    winograd_convolutions: int = 0
 
 
 def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: TuningOptions | None = None,
-                  log: Callable[[str], None] = print) -> BuildInfo:
+                  log: Callable[[str], None] = print, conv_algorithm: str = "direct") -> BuildInfo:
     """Compile the graph for `target` into `out_path` (a .so), tuned with MetaSchedule when asked.
 
     Weights are graph inputs already (see export.py), so they stay function parameters of `main`; only
@@ -49,7 +51,8 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     On CPUs each attention becomes one kernel (attention.py); transcendental functions use fast
     approximations (fast_math.py). On CPUs, attentions, convolutions and matmuls
     get their register-blocked schedule (cpu_schedule.py) before tuning: they are neither tuned nor
-    replaced by records, since that schedule runs at the machine's matmul peak.
+    replaced by records, since that schedule runs at the machine's matmul peak. `conv_algorithm` other
+    than `direct` computes 3x3 convolutions by Winograd (winograd.py; CPU targets only).
     """
     import tvm
     from tvm import relax
@@ -60,8 +63,12 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         mod = from_onnx(model, keep_params_in_input=False)
     mod, _ = relax.frontend.detach_params(mod)
     cpu = target.kind.name == "llvm"
+    if conv_algorithm != "direct" and not cpu:
+        raise ValueError(f"conv algorithm {conv_algorithm!r} is implemented for CPU targets only")
+    winograd_convolutions = 0
     if cpu:
         mod = fuse_attention(mod)
+        mod, winograd_convolutions = use_winograd(mod, conv_algorithm)
     mod = use_fast_math(mod)
     report = None
     if tuning is not None:
@@ -90,4 +97,4 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         mod = apply_default_cpu_schedules(mod, target)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_path))
-    return BuildInfo(report.scheduled_functions if report else 0, total, report)
+    return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions)

@@ -196,11 +196,15 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
                    "applied to every CPU build, with or without --tune.")
 @click.option("--trials-per-task", type=int, default=64, show_default=True)
 @click.option("--tune-tasks", type=int, default=None, help="Tune only the N heaviest tasks of each component.")
+@click.option("--conv-algorithm", type=click.Choice(["direct", "winograd", "auto"]), default="direct",
+              show_default=True, help="3x3 convolutions: direct, Winograd F(4x4,3x3) wherever it fits, or Winograd "
+                                      "where it saves time (CPU targets).")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
             batch: str | None, target: str, controlnet: str | None, tune: bool, tune_budget: str,
-            tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, root: Path | None) -> None:
+            tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, conv_algorithm: str,
+            root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
     import time
 
@@ -229,6 +233,8 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
     tvm_target = resolve_target(target)
+    if conv_algorithm != "direct" and tvm_target.kind.name != "llvm":
+        raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
     root = root or default_root()
     tuning = None
     db = tuning_db or root / "tuning" / target_key(tvm_target)
@@ -257,7 +263,8 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     for i, job in enumerate(jobs, 1):
         click.echo(f"[{i}/{len(jobs)}] {job.describe()}")
         start = time.perf_counter()
-        path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules, tuning=tuning)
+        path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules, tuning=tuning,
+                           conv_algorithm=conv_algorithm)
         click.echo(f"  done in {time.perf_counter() - start:.1f} s -> {path}")
 
 
@@ -296,10 +303,14 @@ def artifacts(as_json: bool, root: Path | None) -> None:
               help="Where the `tvm` backend finds the artifacts `sdaot compile` built (none: `tvm` is skipped).")
 @click.option("--profile", is_flag=True,
               help="Also time each function of one tvm call (kernels and runtime builtins), slowest first.")
+@click.option("--quality-steps", type=int, default=0, show_default=True,
+              help="Also generate one image with these steps on the --artifacts (backend auto) and on torch, and "
+                   "report their PSNR against the 35 dB gate (0: skip).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
               show_default=True)
 def bench(model_name: str, weights: str, resolution: str | None, backends: str, components: str, steps: int,
-          warmup: int, repeat: int, target: str, artifacts_root: Path | None, profile: bool, out_dir: Path) -> None:
+          warmup: int, repeat: int, target: str, artifacts_root: Path | None, profile: bool, quality_steps: int,
+          out_dir: Path) -> None:
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
     from sdaot.compiler.bench import BACKENDS, run_bench
     from sdaot.compiler.compile import parse_resolution
@@ -317,10 +328,13 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str, 
             raise InvalidRequestError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}", param="backends")
     if repeat < 1 or warmup < 0 or steps < 1:
         raise InvalidRequestError("repeat and steps must be >= 1, warmup >= 0", param="repeat")
+    if quality_steps < 0:
+        raise InvalidRequestError("must be >= 0", param="quality_steps")
     size = parse_resolution(resolution) if resolution else spec.native_resolution[::-1]
     bundle = load_weights(spec, weights)
     report = run_bench(bundle, size, [c.strip() for c in components.split(",")], chosen, resolve_target(target),
-                       artifacts_root, steps, warmup, repeat, out_dir, log=click.echo, profile=profile)
+                       artifacts_root, steps, warmup, repeat, out_dir, log=click.echo, profile=profile,
+                       quality_steps=quality_steps)
     from sdaot.compiler.bench import markdown
 
     click.echo(markdown(report))

@@ -64,7 +64,7 @@ class _Chunked:
     output_names: tuple[str, ...]
 
     def __init__(self, name: str, artifact: Artifact, module: nn.Module) -> None:
-        self.name, self.batch = name, artifact.batch
+        self.name, self.batch, self.artifact = name, artifact.batch, artifact
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
         self.weight_names = [w["name"] for w in artifact.manifest["weights"]]

@@ -1,0 +1,184 @@
+"""Winograd F(4x4, 3x3) for the 3x3 convolutions of an imported graph (`--conv-algorithm winograd|auto`).
+
+In fp32 a direct convolution already runs at the machine's matmul peak, as the peers' do, so the only way
+past them is less arithmetic. Winograd computes each 4x4 block of outputs from a 6x6 block of inputs
+with 36 products per (input, output) channel pair instead of 144: a 4x cut in the convolution's
+multiply-adds, paid for by three transforms that are cheap next to it. A rewritten convolution is:
+
+- the weight transform U = G g G^T, [6, 6, out, in], every call: weights are graph inputs shared with
+  torch (LoRA changes them in place), so nothing derived from them can be baked into the artifact;
+- the input transform V = B^T d B, [6, 6, in, tiles], from the zero-padded input;
+- 36 matmuls U[a, b] @ V[a, b] (`relax.matmul`, so the register-blocked matmul schedule runs them);
+- the output transform Y = A^T M A, which takes the convolution's bias and residual adds as its epilogue
+  (fused like a convolution: element-wise ops after it, never a reshape).
+
+The transforms are explicit sums over topi's Cook-Toom matrices (points 0, +-1, +-2, 1/2), each done in
+two passes, rows then columns. cpu_schedule.py schedules the transform kernels by their block names.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+TILE = 4
+KERNEL = 3
+ALPHA = TILE + KERNEL - 1
+WEIGHT = "winograd_weight"
+INPUT_ROWS = "winograd_input_rows"
+INPUT = "winograd_input"
+OUTPUT_COLUMNS = "winograd_output_columns"
+OUTPUT = "winograd_output"
+ALGORITHMS = ("direct", "winograd", "auto")
+AUTO_MIN_TILES = 32
+OPAQUE, OUTPUT_FUSABLE = 8, 4
+
+Matrix = tuple[tuple[float, ...], ...]
+
+
+@cache
+def _transposed_matrices() -> tuple[Matrix, Matrix, Matrix]:
+    """(A^T, B^T, G) of F(4x4, 3x3): 4x6, 6x6, 6x3, rows indexed by the loop variable of each sum."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+    a, b, g = _cook_toom_convolution(_interpolation_points(ALPHA), TILE, KERNEL)
+    return tuple(tuple(tuple(float(v) for v in row) for row in m) for m in (a.T, b.T, g))
+
+
+def _entry(matrix: Matrix, row: Any, column: int, dtype: str) -> Any:
+    """matrix[row][column] for a loop variable `row`: a select chain that an unrolled loop folds to a constant."""
+    from tvm import tirx
+
+    value = tirx.const(0.0, dtype)
+    for r, entries in enumerate(matrix):
+        if entries[column] != 0.0:
+            value = tirx.Select(row == r, tirx.const(entries[column], dtype), value)
+    return value
+
+
+def _dot(terms: list[tuple[Any, Any]]) -> Any:
+    total = terms[0][0] * terms[0][1]
+    for coefficient, value in terms[1:]:
+        total = total + coefficient * value
+    return total
+
+
+def _weight_te(weight: Any) -> Any:
+    """U[a, b, o, i] = sum over k, m of G[a, k] g[o, i, k, m] G[b, m]."""
+    from tvm import te
+
+    g = _transposed_matrices()[2]
+    dtype = weight.dtype
+    return te.compute(
+        (ALPHA, ALPHA, weight.shape[0], weight.shape[1]),
+        lambda a, b, o, i: _dot([(_entry(g, a, k, dtype) * _entry(g, b, m, dtype), weight[o, i, k, m])
+                                 for k in range(KERNEL) for m in range(KERNEL)]),
+        name=WEIGHT)
+
+
+def _input_te(data: Any) -> Any:
+    """V[a, b, c, p] = (B^T d B)[a, b] for the 6x6 input patch d of channel c at tile p (image, row, column)."""
+    from tvm import te, tirx
+
+    b_t = _transposed_matrices()[1]
+    batch, channels, height, width = (int(x) for x in data.shape)
+    rows, columns = height // TILE, width // TILE
+    dtype = data.dtype
+
+    def padded(n: Any, c: Any, y: Any, x: Any) -> Any:
+        inside = tirx.all(y >= 1, y <= height, x >= 1, x <= width)
+        return tirx.if_then_else(inside, data[n, c, y - 1, x - 1], tirx.const(0.0, dtype))
+
+    row_pass = te.compute(
+        (batch, channels, rows, ALPHA, width + 2),
+        lambda n, c, t, a, x: _dot([(_entry(b_t, a, i, dtype), padded(n, c, t * TILE + i, x)) for i in range(ALPHA)]),
+        name=INPUT_ROWS)
+
+    def column_pass(a: Any, b: Any, c: Any, p: Any) -> Any:
+        n, t, u = p // (rows * columns), p // columns % rows, p % columns
+        return _dot([(_entry(b_t, b, j, dtype), row_pass[n, c, t, a, u * TILE + j]) for j in range(ALPHA)])
+
+    return te.compute((ALPHA, ALPHA, channels, batch * rows * columns), column_pass, name=INPUT)
+
+
+def _output_te(products: Any, batch: int, height: int, width: int) -> Any:
+    """Y[n, o, y, x] = (A^T M A)[y % 4, x % 4] for the 6x6 products M of output channel o at y's and x's tile."""
+    from tvm import te
+
+    a_t = _transposed_matrices()[0]
+    channels = int(products.shape[2])
+    rows, columns = height // TILE, width // TILE
+    dtype = products.dtype
+    column_pass = te.compute(
+        (ALPHA, TILE, channels, batch * rows * columns),
+        lambda a, c, o, p: _dot([(_entry(a_t, c, b, dtype), products[a, b, o, p]) for b in range(ALPHA)]),
+        name=OUTPUT_COLUMNS)
+
+    def row_pass(n: Any, o: Any, y: Any, x: Any) -> Any:
+        p = (n * rows + y // TILE) * columns + x // TILE
+        return _dot([(_entry(a_t, y % TILE, a, dtype), column_pass[a, x % TILE, o, p]) for a in range(ALPHA)])
+
+    return te.compute((batch, channels, height, width), row_pass, name=OUTPUT)
+
+
+def _shape(expr: Any) -> list[int] | None:
+    from tvm import tirx
+
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    dims = list(shape.values)
+    return [int(d) for d in dims] if all(isinstance(d, tirx.IntImm) for d in dims) else None
+
+
+def winograd_applies(call: Any, min_tiles: int) -> bool:
+    """Whether a `relax.nn.conv2d` call is a 3x3, stride-1, 'same'-padded NCHW convolution with whole 4x4
+    tiles, at least `min_tiles` of them and a multiple of 8 (the matmul schedule's narrowest vector)."""
+    attrs = call.attrs
+    data, weight = _shape(call.args[0]), _shape(call.args[1])
+    if data is None or weight is None or len(data) != 4 or weight[2:] != [KERNEL, KERNEL]:
+        return False
+    plain = ([int(x) for x in attrs.strides] == [1, 1] and [int(x) for x in attrs.dilation] == [1, 1]
+             and [int(x) for x in attrs.padding] == [1, 1, 1, 1] and int(attrs.groups) == 1
+             and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW"))
+    batch, _, height, width = data
+    tiles = batch * (height // TILE) * (width // TILE)
+    return plain and height % TILE == 0 and width % TILE == 0 and tiles % 8 == 0 and tiles >= min_tiles
+
+
+def use_winograd(mod: Any, algorithm: str) -> tuple[Any, int]:
+    """Rewrite the graph's 3x3 convolutions to Winograd: all that fit its tiles (`winograd`), those with at
+    least AUTO_MIN_TILES tiles (`auto`: where the saving outweighs the per-call weight transform), or none
+    (`direct`). Returns the module and how many convolutions were rewritten."""
+    from tvm import relax
+    from tvm.relax import expr_functor
+
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"conv algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    if algorithm == "direct":
+        return mod, 0
+    min_tiles = 1 if algorithm == "winograd" else AUTO_MIN_TILES
+
+    @expr_functor.mutator
+    class WinogradRewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") != "relax.nn.conv2d" or not winograd_applies(call, min_tiles):
+                return call
+            batch, _, height, width = _shape(call.args[0])
+            self.rewritten += 1
+            bb = self.builder_
+            weights = bb.emit(bb.call_te(_weight_te, call.args[1], primfunc_name_hint=WEIGHT,
+                                         primfunc_attrs={"op_pattern": OPAQUE}))
+            patches = bb.emit(bb.call_te(_input_te, call.args[0], primfunc_name_hint=INPUT,
+                                         primfunc_attrs={"op_pattern": OPAQUE}))
+            products = bb.emit(relax.op.matmul(weights, patches))
+            return bb.call_te(_output_te, products, batch, height, width, primfunc_name_hint=OUTPUT,
+                              primfunc_attrs={"op_pattern": OUTPUT_FUSABLE})
+
+    rewriter = WinogradRewriter(mod)
+    rewriter.rewritten = 0
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), rewriter.rewritten
