@@ -12,7 +12,9 @@ single-threaded here, so they are not used. Three rules instead:
   of the right-hand matrix staying in cache while every row block passes it. No layout change, so
   weights stay the caller's tensors. On the full-size SD1.5 UNet's kernels it runs at 170-220 GFLOP/s on
   2 cores, as fast as torch's oneDNN convolutions and faster than its matmuls; MetaSchedule's random
-  samples of the same convolutions ran at 23-95 GFLOP/s.
+  samples of the same convolutions ran at 23-95 GFLOP/s. The same rule schedules attention.py's fused
+  attention and winograd.py's three transforms (by their block names), whose 36 matmuls are plain
+  batched matmuls here.
 - `TiledTranspose`: a copy whose innermost output axis is not the input's innermost axis (the transposed
   weight of every linear layer, since weights are graph inputs; NCHW <-> NHWC moves) reads memory with a
   stride in a plain loop nest. Walking it in 8x8 tiles keeps both sides in cache lines: a 3072x768 weight
@@ -262,6 +264,9 @@ def _schedule_winograd_weight(sch: Any) -> bool:
     inner_outer, inner_lanes = sch.split(inner, [None, _largest_tile(extents[0], 16)])
     sch.reorder(out, inner_outer, a, b, inner_lanes)
     sch.parallel(out)
+    taps = sch.cache_read(block, 0, "local")
+    sch.compute_at(taps, inner_outer)
+    sch.transform_layout(block, ("read", 0), lambda o, i, k, m: (o, k, m, i))
     sch.unroll(a)
     sch.unroll(b)
     sch.vectorize(inner_lanes)
@@ -270,27 +275,28 @@ def _schedule_winograd_weight(sch: Any) -> bool:
 
 def _schedule_winograd_input(sch: Any) -> bool:
     """winograd.py's input transform: per channel and row of tiles (in parallel), the row pass over the six
-    input rows those tiles read, then the column pass with the tiles of the row as vector lanes."""
-    if _block_names(sch)[-2:] != [winograd.INPUT_ROWS, winograd.INPUT]:
+    input rows those tiles read, then the column pass with 16 tiles of the row as vector lanes."""
+    if _block_names(sch) != [winograd.INPUT_ROWS, winograd.INPUT]:
         return False
-    for name in _block_names(sch)[:-2]:
-        sch.compute_inline(sch.get_sblock(name))
     rows, block = sch.get_sblock(winograd.INPUT_ROWS), sch.get_sblock(winograd.INPUT)
-    width = _static_extents(sch, sch.get_loops(rows)[-1:])
-    if width is None:
-        return False
     a, b, channel, tile = sch.get_loops(block)
-    tile_row, tile_column = sch.split(tile, [None, (width[0] - 2) // winograd.TILE])
-    sch.reorder(channel, tile_row, a, b, tile_column)
+    extents = _static_extents(sch, [*sch.get_loops(rows)[:3], tile])
+    if extents is None:
+        return False
+    images, _, tile_rows, tiles = extents
+    tiles_per_row = tiles // (images * tile_rows)
+    tile_row, tile_column = sch.split(tile, [None, tiles_per_row])
+    column_outer, column_lanes = sch.split(tile_column, [None, _largest_tile(tiles_per_row, winograd.LANES)])
+    sch.reorder(channel, tile_row, column_outer, a, b, column_lanes)
     task = sch.fuse(channel, tile_row)
     sch.parallel(task)
     sch.unroll(a)
     sch.unroll(b)
-    sch.vectorize(tile_column)
+    sch.vectorize(column_lanes)
     sch.compute_at(rows, task)
     row_a, column = sch.get_loops(rows)[-2:]
     sch.unroll(row_a)
-    sch.vectorize(column)
+    sch.vectorize(sch.split(column, [None, winograd.LANES])[1])
     return True
 
 
@@ -311,17 +317,21 @@ def _schedule_winograd_output(sch: Any) -> bool:
     batch, channel, y, x = loops
     tile_row, row = sch.split(y, [None, winograd.TILE])
     tile_column, column = sch.split(x, [None, winograd.TILE])
-    sch.reorder(batch, channel, tile_row, row, column, tile_column)
+    extent = _static_extents(sch, [tile_column])
+    if extent is None:
+        return False
+    column_outer, column_lanes = sch.split(tile_column, [None, _largest_tile(extent[0], winograd.LANES)])
+    sch.reorder(batch, channel, tile_row, column_outer, row, column, column_lanes)
     task = sch.fuse(batch, channel, tile_row)
     sch.parallel(task)
     sch.unroll(row)
     sch.unroll(column)
-    sch.vectorize(tile_column)
+    sch.vectorize(column_lanes)
     sch.compute_at(columns, task)
     a, c, tile = sch.get_loops(columns)[-3:]
     sch.unroll(a)
     sch.unroll(c)
-    sch.vectorize(tile)
+    sch.vectorize(sch.split(tile, [None, _largest_tile(_static_extents(sch, [tile])[0], winograd.LANES)])[1])
     return True
 
 

@@ -31,6 +31,7 @@ OUTPUT_COLUMNS = "winograd_output_columns"
 OUTPUT = "winograd_output"
 ALGORITHMS = ("direct", "winograd", "auto")
 AUTO_MIN_TILES = 32
+LANES = 16
 OPAQUE, OUTPUT_FUSABLE = 8, 4
 
 Matrix = tuple[tuple[float, ...], ...]
@@ -90,7 +91,7 @@ def _input_te(data: Any) -> Any:
         return tirx.if_then_else(inside, data[n, c, y - 1, x - 1], tirx.const(0.0, dtype))
 
     row_pass = te.compute(
-        (batch, channels, rows, ALPHA, width + 2),
+        (batch, channels, rows, ALPHA, -(-(width + 2) // LANES) * LANES),
         lambda n, c, t, a, x: _dot([(_entry(b_t, a, i, dtype), padded(n, c, t * TILE + i, x)) for i in range(ALPHA)]),
         name=INPUT_ROWS)
 
