@@ -62,6 +62,7 @@ class Measurement:
     profile: list[dict] = field(default_factory=list)
     profile_total_s: float | None = None
     conv_algorithm: str | None = None
+    weight_transforms: str | None = None
     rel_err_vs_torch: float | None = None
 
 
@@ -141,7 +142,8 @@ class Runner:
             compiled = self._compiled(job)
             if compiled is None:
                 return "no artifact under --artifacts (run `sdaot compile`)", None, {}
-            return (TvmComponent(component, compiled, module), compiled.manifest["build_seconds"],
+            loaded = TvmComponent(component, compiled, module)
+            return (loaded, compiled.manifest["build_seconds"] + loaded.transform_seconds,
                     compiled.manifest.get("tuning") or {})
         if backend == "tvm-untuned":
             if component not in built:
@@ -174,13 +176,13 @@ class Runner:
             profile = runner.profile(*inputs) if self.profile and isinstance(runner, TvmComponent) else []
         self.outputs[(component, backend)] = flat_output(last[0])
         setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
-        algorithm = runner.artifact.manifest.get("conv_algorithm", "direct") if isinstance(runner, TvmComponent) \
-            else None
+        build = runner.artifact.manifest if isinstance(runner, TvmComponent) else {}
         return Measurement(component, backend, "ok", statistics.median(runs), min(runs), max(runs), runs,
                            round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20,
                            kernel_sum_s=tuning.get("kernel_sum_s"), profile=profile[:PROFILE_ROWS],
                            profile_total_s=sum(row["seconds"] for row in profile) or None,
-                           conv_algorithm=algorithm)
+                           conv_algorithm=build.get("conv_algorithm", "direct") if build else None,
+                           weight_transforms=build.get("weight_transforms", "per-call") if build else None)
 
 
 def flat_output(output: object) -> torch.Tensor:
@@ -321,7 +323,8 @@ def markdown(report: dict) -> str:
         def fmt(v, spec):
             return "–" if v is None else format(v, spec)
         spread = "–" if r["min_s"] is None else f"{r['min_s']:.4f}–{r['max_s']:.4f}"
-        backend = r["backend"] + (f" ({r['conv_algorithm']} conv)" if r.get("conv_algorithm") else "")
+        backend = r["backend"] + (f" ({r['conv_algorithm']} conv, weights transformed "
+                                  f"{r.get('weight_transforms') or 'per-call'})" if r.get("conv_algorithm") else "")
         lines.append(f"| {r['component']} | {backend} | {fmt(r['ratio_to_fastest'], '.2f')} | "
                      f"{fmt(r['median_s'], '.4f')} | {spread} | {fmt(r['gflops_per_s'], '.1f')} | "
                      f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | "

@@ -121,7 +121,8 @@ def example_inputs(bundle: ModelBundle, job: CompileJob,
 
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
                 log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None,
-                tuning: TuningOptions | None = None, conv_algorithm: str = "direct") -> Path:
+                tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
+                weight_transforms: str = "per-call") -> Path:
     """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
     import tvm
 
@@ -137,7 +138,8 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         exported = time.perf_counter()
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")
         info = build_library(graph.model, target, tmp / "lib.so", tuning=tuning, log=log,
-                             conv_algorithm=conv_algorithm)
+                             conv_algorithm=conv_algorithm, weight_transforms=weight_transforms,
+                             num_inputs=len(graph.inputs))
         built = time.perf_counter()
         tuned_note = f", {info.scheduled_functions} with tuned schedules" if tuning else ""
         winograd_note = f", {info.winograd_convolutions} convolutions by Winograd" if conv_algorithm != "direct" else ""
@@ -168,6 +170,7 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
             "tuning_database": str(tuning.database) if tuning else None,
             "conv_algorithm": conv_algorithm,
             "winograd_convolutions": info.winograd_convolutions,
+            "weight_transforms": weight_transforms,
             "build_seconds": round(built - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -39,8 +39,12 @@ class BuildInfo:
     winograd_convolutions: int = 0
 
 
+WEIGHT_TRANSFORMS = ("per-call", "once")
+
+
 def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: TuningOptions | None = None,
-                  log: Callable[[str], None] = print, conv_algorithm: str = "direct") -> BuildInfo:
+                  log: Callable[[str], None] = print, conv_algorithm: str = "direct",
+                  weight_transforms: str = "per-call", num_inputs: int = 0) -> BuildInfo:
     """Compile the graph for `target` into `out_path` (a .so), tuned with MetaSchedule when asked.
 
     Weights are graph inputs already (see export.py), so they stay function parameters of `main`; only
@@ -53,6 +57,12 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     get their register-blocked schedule (cpu_schedule.py) before tuning: they are neither tuned nor
     replaced by records, since that schedule runs at the machine's matmul peak. `conv_algorithm` other
     than `direct` computes 3x3 convolutions by Winograd (winograd.py; CPU targets only).
+
+    With `weight_transforms="once"` everything computed from the weights alone (the linear layers'
+    transposes, Winograd's weight transforms) moves into a second function, `main_transform_params`,
+    that the runtime calls when it loads the artifact and again whenever a weight changes (LoRA); `main`
+    then takes the transformed weights after its `num_inputs` inputs. It costs memory for the transformed
+    copies and saves their computation on every call.
     """
     import tvm
     from tvm import relax
@@ -68,8 +78,11 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     winograd_convolutions = 0
     if cpu:
         mod = fuse_attention(mod)
-        mod, winograd_convolutions = use_winograd(mod, conv_algorithm)
+        mod, winograd_convolutions = use_winograd(mod, conv_algorithm, weight_transforms == "once")
     mod = use_fast_math(mod)
+    if weight_transforms == "once":
+        mod["main"] = mod["main"].with_attr("num_input", num_inputs)
+        mod = relax.transform.LiftTransformParams()(mod)
     report = None
     if tuning is not None:
         if cpu and "num-cores" not in target.attrs:

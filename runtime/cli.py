@@ -199,12 +199,15 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
 @click.option("--conv-algorithm", type=click.Choice(["direct", "winograd", "auto"]), default="direct",
               show_default=True, help="3x3 convolutions: direct, Winograd F(4x4,3x3) wherever it fits, or Winograd "
                                       "where it saves time (CPU targets).")
+@click.option("--weight-transforms", type=click.Choice(["per-call", "once"]), default="per-call", show_default=True,
+              help="Compute what derives from the weights alone (transposes, Winograd weight transforms) on every "
+                   "call, or once at load and after a weight changes (faster, more memory).")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
             batch: str | None, target: str, controlnet: str | None, tune: bool, tune_budget: str,
             tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, conv_algorithm: str,
-            root: Path | None) -> None:
+            weight_transforms: str, root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
     import time
 
@@ -264,7 +267,7 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         click.echo(f"[{i}/{len(jobs)}] {job.describe()}")
         start = time.perf_counter()
         path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules, tuning=tuning,
-                           conv_algorithm=conv_algorithm)
+                           conv_algorithm=conv_algorithm, weight_transforms=weight_transforms)
         click.echo(f"  done in {time.perf_counter() - start:.1f} s -> {path}")
 
 

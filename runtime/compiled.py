@@ -102,12 +102,33 @@ class TvmComponent(_Chunked):
             raise BackendUnavailableError(f"cannot load {artifact.path / 'lib.so'}: {exc}", param="backend") from exc
         self._weights = [tvm.runtime.from_dlpack(w) for w in self.weight_tensors]
         self._main = self.vm["main"]
+        lifted = self.vm.module.implements_function("main_transform_params")
+        self._transform = self.vm["main_transform_params"] if lifted else None
+        self._params: list[Any] = self._weights
+        self._versions: tuple[int, ...] | None = None
+        self.transform_seconds = 0.0
+        self._transform_weights()
+
+    def _transform_weights(self) -> None:
+        """For an artifact built with `--weight-transforms once`: (re)compute the transformed weights `main`
+        takes when any weight tensor has changed in place since the last time (torch counts in-place
+        writes: LoRA merges and restores)."""
+        import time
+
+        versions = tuple(w._version for w in self.weight_tensors)
+        if self._transform is None or versions == self._versions:
+            return
+        start = time.perf_counter()
+        self._params = list(self._transform(self._weights))
+        self._versions = versions
+        self.transform_seconds += time.perf_counter() - start
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         import tvm
 
+        self._transform_weights()
         args = [tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]
-        out = self._main(*args, *self._weights)
+        out = self._main(*args, *self._params)
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         return tuple(torch.from_dlpack(o).clone() for o in outs)
 

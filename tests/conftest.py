@@ -41,13 +41,16 @@ FAMILIES = ["SD1.5", "SD2", "SDXL1.0-base"]
 
 @pytest.fixture(scope="session")
 def compiled_root(tmp_path_factory):
-    """One real `sdaot compile` per family at 64x64 (all components), shared by the tests below."""
+    """One real `sdaot compile` per family at 64x64 (all components), shared by the tests below. SD1.5 is built
+    with Winograd convolutions and weights transformed once (so the LoRA tests cover their refresh), the
+    others with the defaults (direct convolutions, per-call weight transforms)."""
     root = tmp_path_factory.mktemp("artifacts")
     from sdaot.runtime.cli import main
 
     for model in FAMILIES:
+        options = ["--conv-algorithm", "winograd", "--weight-transforms", "once"] if model == "SD1.5" else []
         result = CliRunner().invoke(main, ["compile", "--model", model, "--weights", "tiny", "--resolution", "64x64",
-                                           "--out", str(root)], catch_exceptions=False)
+                                           *options, "--out", str(root)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "[1/" in result.output and "built TVM library" in result.output
     return root

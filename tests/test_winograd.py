@@ -101,7 +101,8 @@ def test_winograd_build_passes_the_bench_quality_gate(tmp_path):
         with Image.open(tmp_path / "results" / f"quality-{backend}.png") as image:
             assert image.size == (64, 64) and np.asarray(image).std() > 1
     table = (tmp_path / "results" / "bench-SD1.5-tiny-64x64.md").read_text()
-    assert "| vae_decoder | tvm (winograd conv) |" in table and "passes the 35.0 dB gate" in table
+    assert "| vae_decoder | tvm (winograd conv, weights transformed per-call) |" in table
+    assert "passes the 35.0 dB gate" in table
 
 
 def test_winograd_on_a_gpu_target_is_a_clear_error(tmp_path):
