@@ -253,7 +253,8 @@ def _block_names(sch: Any) -> list[str]:
 
 def _schedule_winograd_weight(sch: Any) -> bool:
     """winograd.py's weight transform: per output channel (in parallel), the 36 transformed values of 16
-    input channels at a time, as vectors."""
+    input channels at a time, as vectors, from their nine taps copied transposed into registers first
+    (read in place, each tap is a stride-9 gather: 53 ms against 22 ms for SD1.5's 1280x1280 weights)."""
     if _block_names(sch) != [winograd.WEIGHT]:
         return False
     block = sch.get_sblock(winograd.WEIGHT)
