@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .relax_shapes import static_shape
+
 SCORES = "attention_scores"
 OUTPUT = "attention_output"
 NAME = "fused_attention"
@@ -46,16 +48,6 @@ def _attention_te(q: Any, key_t: Any, value: Any) -> Any:
                       name=OUTPUT)
 
 
-def _static_shape(expr: Any) -> list[int] | None:
-    from tvm import tirx
-
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    dims = list(shape.values)
-    return [int(d) for d in dims] if all(isinstance(d, tirx.IntImm) for d in dims) else None
-
-
 def fuse_attention(mod: Any) -> Any:
     """Replace matmul(softmax(matmul(q, k_t), axis=-1), v) over 4-D tensors by one `fused_attention` kernel.
 
@@ -88,7 +80,7 @@ def fuse_attention(mod: Any) -> Any:
             if scores is None:
                 return None
             q, key_t, value = scores.args[0], scores.args[1], call.args[1]
-            shapes = [_static_shape(x) for x in (q, key_t, value)]
+            shapes = [static_shape(x) for x in (q, key_t, value)]
             if any(s is None or len(s) != 4 for s in shapes) or shapes[0][-2] % 16:
                 return None
             return q, key_t, value

@@ -73,6 +73,8 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         mod = from_onnx(model, keep_params_in_input=False)
     mod, _ = relax.frontend.detach_params(mod)
     cpu = target.kind.name == "llvm"
+    if weight_transforms not in WEIGHT_TRANSFORMS:
+        raise ValueError(f"weight transforms must be one of {', '.join(WEIGHT_TRANSFORMS)}, not {weight_transforms!r}")
     if conv_algorithm != "direct" and not cpu:
         raise ValueError(f"conv algorithm {conv_algorithm!r} is implemented for CPU targets only")
     winograd_convolutions = 0

@@ -21,6 +21,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from .relax_shapes import static_shape
+
 TILE = 4
 KERNEL = 3
 ALPHA = TILE + KERNEL - 1
@@ -122,21 +124,11 @@ def _output_te(products: Any, batch: int, height: int, width: int) -> Any:
     return te.compute((batch, channels, height, width), row_pass, name=OUTPUT)
 
 
-def _shape(expr: Any) -> list[int] | None:
-    from tvm import tirx
-
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    dims = list(shape.values)
-    return [int(d) for d in dims] if all(isinstance(d, tirx.IntImm) for d in dims) else None
-
-
 def winograd_applies(call: Any, min_tiles: int) -> bool:
     """Whether a `relax.nn.conv2d` call is a 3x3, stride-1, 'same'-padded NCHW convolution with whole 4x4
     tiles, at least `min_tiles` of them and a multiple of 8 (the matmul schedule's narrowest vector)."""
     attrs = call.attrs
-    data, weight = _shape(call.args[0]), _shape(call.args[1])
+    data, weight = static_shape(call.args[0]), static_shape(call.args[1])
     if data is None or weight is None or len(data) != 4 or weight[2:] != [KERNEL, KERNEL]:
         return False
     plain = ([int(x) for x in attrs.strides] == [1, 1] and [int(x) for x in attrs.dilation] == [1, 1]
@@ -172,7 +164,7 @@ def use_winograd(mod: Any, algorithm: str, weights_transformed_once: bool = Fals
             call = super().visit_call_(call)
             if getattr(call.op, "name", "") != "relax.nn.conv2d" or not winograd_applies(call, min_tiles):
                 return call
-            batch, _, height, width = _shape(call.args[0])
+            batch, _, height, width = static_shape(call.args[0])
             self.rewritten += 1
             bb = self.builder_
             weights = bb.emit(bb.call_te(_weight_te, call.args[1], primfunc_name_hint=WEIGHT,
