@@ -206,12 +206,15 @@ def _schedule_matmul(sch: Any) -> bool:
     return True
 
 
+def _block_names(sch: Any) -> list[str]:
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
 def _schedule_attention(sch: Any) -> bool:
     """Schedule attention.py's fused attention: per block of 32 query rows (in parallel), the transposed
     scores (16 keys x 32 queries in registers), the softmax statistics and the weighted values (8 value
     columns x 32 queries), all on a block-sized slice of the score matrix that stays in cache."""
-    root = sch.get_sblock("root")
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+    names = _block_names(sch)
     if attention.SCORES not in names or names[-1] != attention.OUTPUT:
         return False
     output = sch.get_sblock(attention.OUTPUT)
@@ -245,10 +248,6 @@ def _schedule_attention(sch: Any) -> bool:
         if name not in products and name not in statistics:
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     return True
-
-
-def _block_names(sch: Any) -> list[str]:
-    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
 
 
 def _schedule_winograd_weight(sch: Any) -> bool:

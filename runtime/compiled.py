@@ -115,8 +115,10 @@ class TvmComponent(_Chunked):
         writes: LoRA merges and restores)."""
         import time
 
+        if self._transform is None:
+            return
         versions = tuple(w._version for w in self.weight_tensors)
-        if self._transform is None or versions == self._versions:
+        if versions == self._versions:
             return
         start = time.perf_counter()
         self._params = list(self._transform(self._weights))

@@ -6,11 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import save_file
 
 from sdaot.runtime.threads import use_all_cores
@@ -18,6 +16,8 @@ from sdaot.runtime.threads import use_all_cores
 _CACHE = Path(tempfile.mkdtemp(prefix="sdaot-test-cache-"))
 os.environ.setdefault("SDAOT_CACHE", str(_CACHE))
 use_all_cores()
+
+from sdaot.compiler.bench import image_psnr  # noqa: E402  (after the cache and thread settings above)
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +56,7 @@ def compiled_root(tmp_path_factory):
     return root
 
 
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((x - y) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+psnr = image_psnr
 
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"

@@ -6,16 +6,13 @@ import json
 import torch
 from click.testing import CliRunner
 
+from sdaot.compiler.bench import relative_error
 from sdaot.runtime.artifacts import list_artifacts
 from sdaot.runtime.cli import main
 from sdaot.runtime.compiled import TvmComponent
 from sdaot.runtime.components import TorchComponent, component_modules
 from sdaot.runtime.registry import get_model
 from sdaot.runtime.weights import load_weights
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def test_transformed_weights_follow_in_place_weight_changes(tmp_path):
