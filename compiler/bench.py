@@ -1,10 +1,11 @@
 """`sdaot bench`: every backend side by side on the same inputs, in one process.
 
-For each component it builds what a backend needs in a scratch folder (a TVM artifact built without
-tuning records, or only the ONNX graph when onnxruntime is the one compiled backend asked for; `tvm` runs
-the artifact `sdaot compile` wrote under --artifacts, with the tuning records it applied), warms up,
-repeats, and reports the median and spread, achieved GFLOP/s against this machine's measured matmul peak,
-and ratios to the fastest backend.
+For each component it builds what a backend needs in a scratch folder (`tvm` runs the artifact
+`sdaot compile` wrote under --artifacts, with the tuning records it applied; `tvm-untuned` a build
+without them; `onnxruntime-artifact` the runtime's own onnxruntime backend on the artifact's graph, weights
+fed from torch's tensors; the peers of peers.py a plain export as their users run it), warms up, repeats,
+and reports the median and spread, the precision each ran at, achieved GFLOP/s against this machine's
+measured matmul peak, and ratios to the fastest backend.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from sdaot.runtime.weights import ModelBundle
 
 from .compile import CompileJob, compile_job, compile_modules, example_inputs
 from .export import export_component
+from .kernels import cpu_profile
+from .peers import PEERS, isa_limits, load_peer
 
 PROFILE_ROWS = 15
 QUALITY_GATE_DB = 35.0
 QUALITY_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
-BACKENDS = ("tvm", "tvm-untuned", "onnxruntime", "torch", "torch-compile")
+BACKENDS = ("tvm", "tvm-untuned", "onnxruntime-artifact", *PEERS, "torch", "torch-compile")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Measurement:
     conv_algorithm: str | None = None
     weight_transforms: str | None = None
     rel_err_vs_torch: float | None = None
+    precision: str | None = None
 
 
 def matmul_peak_gflops(size: int = 2048, repeat: int = 5) -> float:
@@ -98,6 +102,7 @@ class Runner:
         self.modules = compile_modules(bundle)
         self.scratch = Path(tempfile.mkdtemp(prefix="sdaot-bench-"))
         self.outputs: dict[tuple[str, str], torch.Tensor] = {}
+        self.plain_exports: dict[int, Path] = {}
 
     def job(self, component: str) -> CompileJob:
         size_free = component in ("text_encoder", "text_encoder_2")
@@ -120,7 +125,7 @@ class Runner:
         return Artifact(path, manifest), time.perf_counter() - start
 
     def _exported(self, job: CompileJob) -> tuple[Artifact, float]:
-        """The ONNX graph alone, for onnxruntime when no untuned TVM build was asked for."""
+        """The artifact's ONNX graph alone, for onnxruntime-artifact when no untuned TVM build was asked for."""
         start = time.perf_counter()
         graph = export_component(self.modules[job.component], example_inputs(self.bundle, job, self.modules))
         folder = self.scratch / f"{job.component}-onnx"
@@ -150,6 +155,10 @@ class Runner:
                 built[component] = self._untuned(job)
             artifact, seconds = built[component]
             return TvmComponent(component, artifact, module), seconds, {}
+        if backend in PEERS:
+            start = time.perf_counter()
+            peer = load_peer(backend, module, example_inputs(self.bundle, job, self.modules), self.plain_exports)
+            return peer, time.perf_counter() - start, {}
         artifact, seconds = built[component] if component in built else self._exported(job)
         return OnnxRuntimeComponent(component, artifact, module), seconds, {}
 
@@ -182,7 +191,8 @@ class Runner:
                            kernel_sum_s=tuning.get("kernel_sum_s"), profile=profile[:PROFILE_ROWS],
                            profile_total_s=sum(row["seconds"] for row in profile) or None,
                            conv_algorithm=build.get("conv_algorithm", "direct") if build else None,
-                           weight_transforms=build.get("weight_transforms", "per-call") if build else None)
+                           weight_transforms=build.get("weight_transforms", "per-call") if build else None,
+                           precision=getattr(runner, "precision", "f32"))
 
 
 def flat_output(output: object) -> torch.Tensor:
@@ -262,7 +272,9 @@ def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list
     report = {
         "model": bundle.spec.name, "weights": bundle.source, "resolution": resolution_key(resolution),
         "steps": steps, "warmup": warmup, "repeat": repeat, "target": target_key(target),
-        "machine": machine_line(), "matmul_peak_gflops": round(peak, 1), "gflop_per_call": gflop,
+        "machine": machine_line(),
+        "cpu_profile": cpu_profile(target).describe() if target.kind.name == "llvm" else None,
+        "isa_limits": isa_limits(), "matmul_peak_gflops": round(peak, 1), "gflop_per_call": gflop,
         "end_to_end_s_per_image": end_to_end(results, components, steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": [asdict(m) for m in results],
@@ -316,20 +328,23 @@ def markdown(report: dict) -> str:
     lines = [f"### {report['model']} ({report['weights']} weights) at {report['resolution']}", "",
              f"Machine: {report['machine']}. Matmul peak {report['matmul_peak_gflops']} GFLOP/s. "
              f"Warm-up {report['warmup']}, {report['repeat']} timed runs, median.", "",
-             "| component | backend | × fastest | median s | min–max s | GFLOP/s | % peak | setup s | "
-             "tuned kernel sum s | rel. err. vs torch | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"tvm target: {report['target']} ({report.get('cpu_profile') or 'not a CPU'}). Peers' ISA limits: "
+             + (", ".join(f"{k}={v}" for k, v in report.get("isa_limits", {}).items()) or "none") + ".", "",
+             "| component | backend | precision | × fastest | median s | min–max s | GFLOP/s | % peak | setup s | "
+             "tuned kernel sum s | rel. err. vs torch | RSS after MB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         def fmt(v, spec):
             return "–" if v is None else format(v, spec)
         spread = "–" if r["min_s"] is None else f"{r['min_s']:.4f}–{r['max_s']:.4f}"
         backend = r["backend"] + (f" ({r['conv_algorithm']} conv, weights transformed "
                                   f"{r.get('weight_transforms') or 'per-call'})" if r.get("conv_algorithm") else "")
-        lines.append(f"| {r['component']} | {backend} | {fmt(r['ratio_to_fastest'], '.2f')} | "
+        lines.append(f"| {r['component']} | {backend} | {r.get('precision') or '–'} | "
+                     f"{fmt(r['ratio_to_fastest'], '.2f')} | "
                      f"{fmt(r['median_s'], '.4f')} | {spread} | {fmt(r['gflops_per_s'], '.1f')} | "
                      f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | "
                      f"{fmt(r.get('kernel_sum_s'), '.4f')} | {fmt(r.get('rel_err_vs_torch'), '.1e')} | "
-                     f"{r['status']} |")
+                     f"{fmt(r.get('rss_after_mb'), '.0f')} | {r['status']} |")
     lines += ["", f"End-to-end seconds per image ({report['steps']} steps, from the medians): " + ", ".join(
         f"{b}: {t if t is not None else '–'}" for b, t in sorted(report["end_to_end_s_per_image"].items())), ""]
     quality = report.get("quality")

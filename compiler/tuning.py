@@ -5,8 +5,8 @@ found afterwards by `MetaScheduleApplyDatabase` are keyed by exactly those funct
 process (MetaSchedule's default builder starts a fresh worker pool per batch, ~30 s here), the runner's
 pool is started once, and tasks are tuned heaviest first (FLOPs x occurrences) until the budget is spent.
 Pure data-movement tasks (no arithmetic) are skipped, and so are kernels that already carry a schedule
-(attentions, convolutions and matmuls on CPUs: cpu_schedule.py). Candidates are timed with as many threads as
-the built module will run with (threads.py). A workload that already has enough records in the
+(attentions, convolutions and matmuls on CPUs: kernels.RULES_BEFORE_TUNING). Candidates are timed with
+as many threads as the built module will run with (threads.py). A workload that already has enough records in the
 database is never tuned again, whichever model, resolution or component it came from.
 """
 
@@ -152,7 +152,7 @@ def _flops(task) -> float:
 
 
 def _scheduled(task) -> bool:
-    """Whether the task's kernel already has a schedule of its own (cpu_schedule.py's register-blocked ones)."""
+    """Whether the task's kernel already has a schedule of its own (kernels.RULES_BEFORE_TUNING)."""
     return any(f.attrs is not None and f.attrs.get("tirx.is_scheduled", None)
                for f in task.dispatched[0].functions.values())
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import onnx
 
-from .attention import fuse_attention
-from .cpu_schedule import apply_default_cpu_schedules, apply_register_blocked_schedules
 from .fast_math import use_fast_math
+from .kernels import apply_fallback_rules, apply_rules_before_tuning
+from .kernels.attention import fuse_attention
+from .kernels.winograd import use_winograd
 from .tuning import TuningReport, count_scheduled, tune_and_apply
-from .winograd import use_winograd
 
 
 @dataclass
@@ -50,13 +50,13 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     Weights are graph inputs already (see export.py), so they stay function parameters of `main`; only
     small shape constants are left as initializers and get embedded. Because a weight is an input, the
     exporter's `Transpose(W)` before each linear layer cannot be folded away: it runs every call, as a
-    tiled copy (cpu_schedule.py) feeding a row-major matmul. Fusing it into the matmul instead
+    tiled copy (kernels/transpose.py) feeding a row-major matmul. Fusing it into the matmul instead
     (`relax.transform.FuseTransposeMatmul`) was slower here: the fused kernels reached 34 GFLOP/s tuned.
-    On CPUs each attention becomes one kernel (attention.py); transcendental functions use fast
-    approximations (fast_math.py). On CPUs, attentions, convolutions and matmuls
-    get their register-blocked schedule (cpu_schedule.py) before tuning: they are neither tuned nor
+    On CPUs each attention becomes one kernel (kernels/attention.py); transcendental functions use fast
+    approximations (fast_math.py). On CPUs, attentions, convolutions and matmuls get their register-blocked
+    schedule (kernels.RULES_BEFORE_TUNING, sized for the target's CPU) before tuning: they are neither tuned nor
     replaced by records, since that schedule runs at the machine's matmul peak. `conv_algorithm` other
-    than `direct` computes 3x3 convolutions by Winograd (winograd.py; CPU targets only).
+    than `direct` computes 3x3 convolutions by Winograd (kernels/winograd.py; CPU targets only).
 
     With `weight_transforms="once"` everything computed from the weights alone (the linear layers'
     transposes, Winograd's weight transforms) moves into a second function, `main_transform_params`,
@@ -97,7 +97,7 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         with target:
             mod = relax.get_pipeline("zero")(mod)
     if cpu:
-        mod = apply_register_blocked_schedules(mod, target)
+        mod = apply_rules_before_tuning(mod, target)
     if tuning is not None:
         mod, report = tune_and_apply(mod, target, tuning.database, tuning.budget_s, tuning.trials_per_task,
                                      tuning.max_tasks, log)
@@ -109,7 +109,7 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
             mod = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                               dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
     elif cpu:
-        mod = apply_default_cpu_schedules(mod, target)
+        mod = apply_fallback_rules(mod, target)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_path))
     return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions)

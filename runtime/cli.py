@@ -295,8 +295,10 @@ def artifacts(as_json: bool, root: Path | None) -> None:
 @click.option("--model", "model_name", required=True)
 @click.option("--weights", default="random", show_default=True, help="random = full-size architecture.")
 @click.option("--resolution", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
-@click.option("--backends", default="tvm,tvm-untuned,onnxruntime,torch", show_default=True,
-              help="Any of tvm, tvm-untuned, onnxruntime, torch, torch-compile.")
+@click.option("--backends", default="tvm,onnxruntime,openvino,openvino-f32,torch", show_default=True,
+              help="Any of tvm, tvm-untuned, onnxruntime-artifact (the runtime's onnxruntime backend), the peers "
+                   "onnxruntime, openvino, openvino-f32 (plain exports as their users run them), torch, "
+                   "torch-compile.")
 @click.option("--components", default="unet,vae_decoder,text_encoder", show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="UNet calls per image, for end-to-end time.")
 @click.option("--warmup", type=int, default=1, show_default=True)

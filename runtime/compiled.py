@@ -31,15 +31,16 @@ def aligned_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
     return out
 
 
-def check_artifact(artifact: Artifact, module: nn.Module, target_key: str) -> None:
-    """Refuse an artifact built for another TVM version, target or architecture, or whose files were altered."""
+def check_artifact(artifact: Artifact, module: nn.Module, target_key: str, runs_here: bool = False) -> None:
+    """Refuse an artifact built for another TVM version, for a target this device cannot run (`runs_here`
+    says an instruction-set subset of this CPU's is fine), for another architecture, or altered."""
     import tvm
 
     m = artifact.manifest
     problems = []
     if m["tvm_version"] != tvm.__version__:
         problems.append(f"built with TVM {m['tvm_version']}, running {tvm.__version__}")
-    if m["target_key"] != target_key:
+    if m["target_key"] != target_key and not runs_here:
         problems.append(f"built for {m['target_key']}, this device is {target_key}")
     params = dict(module.named_parameters())
     actual = [{"name": w["name"], "shape": list(params[w["name"]].shape), "dtype": str(params[w["name"]].dtype)[6:]}

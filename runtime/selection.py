@@ -1,12 +1,14 @@
 """Which backend runs each component of a request: `torch`, `tvm`, `onnxruntime`, or `auto`.
 
-`auto` takes tvm wherever an artifact matches (model, component, resolution, batch, this device) and
-loads cleanly, torch elsewhere; a broken artifact under `auto` logs a warning and falls back to torch,
-under `tvm`/`onnxruntime` it is an error that says why.
+`auto` takes tvm wherever an artifact matches (model, component, resolution, batch, a target this CPU runs:
+its own, or an instruction set it has, such as an AVX2 build on an AVX-512 machine) and loads cleanly,
+torch elsewhere; a broken artifact under `auto` logs a warning and falls back to torch, under
+`tvm`/`onnxruntime` it is an error that says why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import cache
 from pathlib import Path
@@ -41,9 +43,8 @@ class ComponentSelector:
         self._loaded: dict[tuple[str, str, str, int], Component] = {}
 
     def artifacts(self) -> list[Artifact]:
-        """This model's artifacts for this device."""
-        key = host_target_key()
-        return [a for a in list_artifacts(self.root) if a.model == self.model and a.target_key == key]
+        """This model's artifacts that run on this device."""
+        return [a for a in list_artifacts(self.root) if a.model == self.model and runs_here(a)]
 
     def compiled_resolutions(self) -> list[str]:
         """Resolutions with a compiled UNet, as WIDTHxHEIGHT."""
@@ -87,12 +88,22 @@ class ComponentSelector:
     def _load(self, kind: str, name: str, artifact: Artifact, module) -> Component:
         key = (kind, str(artifact.path), artifact.manifest["created"], id(module))
         if key not in self._loaded:
-            check_artifact(artifact, module, host_target_key() or "")
+            check_artifact(artifact, module, host_target_key() or "", runs_here(artifact))
             self._loaded[key] = COMPILED[kind](name, artifact, module)
             log.info("loaded %s %s from %s", kind, name, artifact.path)
         return self._loaded[key]
 
 
+def runs_here(artifact: Artifact) -> bool:
+    """Whether the artifact's library runs on this machine (False when TVM cannot be imported)."""
+    try:
+        from .targets import runs_on_this_cpu
+    except ImportError:
+        return False
+    return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest["target"], sort_keys=True))
+
+
 def _best(found: list[Artifact], component: str, resolution: str, total: int) -> Artifact | None:
+    """The largest fitting batch, built for this very CPU where there is a choice."""
     matches = [a for a in found if a.component == component and a.resolution == resolution and total % a.batch == 0]
-    return max(matches, key=lambda a: a.batch, default=None)
+    return max(matches, key=lambda a: (a.batch, a.target_key == host_target_key()), default=None)

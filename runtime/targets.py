@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cache
 from typing import Any
 
 from .errors import InvalidRequestError
@@ -37,3 +38,29 @@ def target_key(target: Any) -> str:
 def target_json(target: Any) -> dict[str, Any]:
     """The target as the JSON dict TVM accepts back."""
     return json.loads(str(target))
+
+
+@cache
+def _host_cpu_features() -> frozenset[str]:
+    from tvm.target import codegen
+
+    return frozenset(codegen.llvm_get_cpu_features(resolve_target("cpu")))
+
+
+@cache
+def runs_on_this_cpu(key: str, target: str) -> bool:
+    """Whether a library built for `target` (its JSON text, filed under `key`) runs on this machine's CPU: the
+    host's own target, or a CPU target whose instruction-set features the host all has (an AVX2 build on
+    an AVX-512 machine). Feature names are LLVM's for each CPU name, so the check errs on refusing."""
+    import tvm
+    from tvm.target import codegen
+
+    if key == target_key(resolve_target("cpu")):
+        return True
+    try:
+        built_for = tvm.target.Target(json.loads(target))
+    except Exception:  # an unreadable target is one this machine cannot vouch for
+        return False
+    if built_for.kind.name != "llvm":
+        return False
+    return set(codegen.llvm_get_cpu_features(built_for)) <= _host_cpu_features()

@@ -58,6 +58,35 @@ def compiled_root(tmp_path_factory):
 
 psnr = image_psnr
 
+AVX2_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+
+
+def _isa_targets() -> dict[str, dict]:
+    """The instruction sets kernel tests build for, by test id: AVX2 (the oldest CPU the project supports;
+    its code runs on AVX-512 machines too) and this machine's own CPU where that is a different one."""
+    import json
+
+    import tvm
+
+    from sdaot.compiler.kernels import cpu_profile
+
+    host = tvm.target.Target.from_device(tvm.cpu())
+    targets = {"avx2": AVX2_TARGET}
+    if cpu_profile(host).isa != "avx2":
+        targets[f"host-{cpu_profile(host).isa}"] = json.loads(str(host)) | {"num-cores": 2}
+    return targets
+
+
+ISA_TARGET_SPECS = _isa_targets()
+ISA_TARGETS = list(ISA_TARGET_SPECS)
+
+
+def isa_target(name: str):
+    """The TVM target of one ISA_TARGETS entry."""
+    import tvm
+
+    return tvm.target.Target(ISA_TARGET_SPECS[name])
+
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 

@@ -50,3 +50,23 @@ def test_bench_onnxruntime_alone_needs_no_tvm_build(tmp_path):
     report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
     onnx_row = next(r for r in report["results"] if r["backend"] == "onnxruntime")
     assert onnx_row["status"] == "ok" and onnx_row["setup_s"] > 0 and report["peak_rss_mb"] > 100
+
+
+def test_bench_runs_every_peer_as_its_users_run_it(tmp_path):
+    """onnxruntime and OpenVINO on a plain export (weights as initializers), OpenVINO at its own precision and at
+    f32, next to the runtime's onnxruntime backend and torch: each row timed, with its precision and its error."""
+    backends = "onnxruntime,openvino,openvino-f32,onnxruntime-artifact,torch"
+    result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
+                                       "--components", "vae_decoder", "--backends", backends, "--repeat", "1",
+                                       "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
+    rows = {r["backend"]: r for r in report["results"]}
+    assert all(rows[b]["status"] == "ok" for b in backends.split(",")), [r["status"] for r in rows.values()]
+    assert rows["openvino-f32"]["precision"] == "f32" and rows["onnxruntime"]["precision"] == "f32"
+    assert rows["openvino"]["precision"] in ("f32", "bf16", "f16")
+    assert rows["openvino-f32"]["rel_err_vs_torch"] < 1e-4 and rows["onnxruntime"]["rel_err_vs_torch"] < 1e-4
+    assert rows["openvino"]["rel_err_vs_torch"] < 5e-2
+    assert report["cpu_profile"] and "lanes" in report["cpu_profile"] and report["isa_limits"] == {}
+    table = (tmp_path / "bench-SD1.5-tiny-64x64.md").read_text()
+    assert f"| vae_decoder | openvino | {rows['openvino']['precision']} |" in table

@@ -8,14 +8,13 @@ import pytest
 import torch
 import tvm
 from click.testing import CliRunner
+from conftest import ISA_TARGETS, isa_target
 from PIL import Image
 from tvm import relax
 
-from sdaot.compiler.cpu_schedule import apply_default_cpu_schedules, apply_register_blocked_schedules
-from sdaot.compiler.winograd import use_winograd
+from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning
+from sdaot.compiler.kernels.winograd import use_winograd
 from sdaot.runtime.cli import main
-
-TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
 
 def convolution_graph(shape, out_channels, kernel, stride):
@@ -35,6 +34,7 @@ def convolution_graph(shape, out_channels, kernel, stride):
     return builder.get(), out_shape
 
 
+@pytest.mark.parametrize("isa", ISA_TARGETS)
 @pytest.mark.parametrize(("shape", "out_channels", "kernel", "stride", "algorithm", "rewritten"), [
     ((2, 16, 16, 16), 24, 3, 1, "winograd", 1),
     ((1, 8, 8, 16), 12, 3, 1, "winograd", 1),     # 2 x 4 tiles, not square
@@ -47,13 +47,14 @@ def convolution_graph(shape, out_channels, kernel, stride):
     ((2, 16, 16, 16), 24, 3, 1, "direct", 0),
 ])
 def test_winograd_rewrites_only_where_it_fits_and_matches_torch(shape, out_channels, kernel, stride, algorithm,
-                                                                 rewritten):
+                                                                 rewritten, isa):
+    target = isa_target(isa)
     graph, out_shape = convolution_graph(shape, out_channels, kernel, stride)
     graph, count = use_winograd(graph, algorithm)
     assert count == rewritten
-    with TARGET:
+    with target:
         graph = relax.get_pipeline("zero")(graph)
-    scheduled = apply_register_blocked_schedules(graph, TARGET)
+    scheduled = apply_rules_before_tuning(graph, target)
     kernels = {gv.name_hint: f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert all(f.attrs is not None and f.attrs.get("tirx.is_scheduled") for f in kernels.values()), \
         "every convolution, transform and matmul kernel has its hand-written schedule"
@@ -63,7 +64,7 @@ def test_winograd_rewrites_only_where_it_fits_and_matches_torch(shape, out_chann
         assert "winograd_output_add_add" in names, "bias and residual adds are the output transform's epilogue"
     else:
         assert "winograd" not in names and "conv2d" in names
-    vm = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(scheduled, TARGET), target=TARGET), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(apply_fallback_rules(scheduled, target), target=target), tvm.cpu())
     rng = np.random.default_rng(3)
     n, c = shape[:2]
     x, weight, bias, residual = (rng.standard_normal(s, dtype=np.float32) for s in

@@ -1,5 +1,5 @@
-"""Default CPU schedules keep every kernel's result exact (convolutions, tiled transposes, parallel fallback);
-TVM uses every core."""
+"""The hand-written CPU kernels keep every result exact, built for AVX2 and for this machine's own CPU (an AVX2
+library runs on an AVX-512 machine), and size their register blocks from the target; TVM uses every core."""
 
 import os
 import subprocess
@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import ISA_TARGETS, isa_target
 from tvm import relax, te
 
-from sdaot.compiler.attention import fuse_attention
-from sdaot.compiler.cpu_schedule import (
-    apply_default_cpu_schedules,
-    apply_register_blocked_schedules,
-    convolution_tiles,
-    matmul_tiles,
-)
+from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
+from sdaot.compiler.kernels.attention import attention_tiles, fuse_attention
+from sdaot.compiler.kernels.convolution import convolution_tiles
+from sdaot.compiler.kernels.matmul import matmul_tiles
+from sdaot.compiler.kernels.transpose import transpose_tile
 
-TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+AVX512 = cpu_profile(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+AVX2 = cpu_profile(tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}))
 
 
 def permute_kernel(shape: tuple[int, ...], perm: tuple[int, ...]) -> tvm.IRModule:
@@ -35,6 +35,7 @@ def permute_kernel(shape: tuple[int, ...], perm: tuple[int, ...]) -> tvm.IRModul
     return tvm.IRModule({"main": te.create_prim_func([source, result])})
 
 
+@pytest.mark.parametrize("isa", ISA_TARGETS)
 @pytest.mark.parametrize(("shape", "perm", "tiled"), [
     ((48, 16), (1, 0), True),            # a linear layer's weight
     ((2, 64, 24), (0, 2, 1), True),      # channels-last <-> channels-first
@@ -42,26 +43,29 @@ def permute_kernel(shape: tuple[int, ...], perm: tuple[int, ...]) -> tvm.IRModul
     ((2, 8, 16, 24), (0, 2, 1, 3), False),  # innermost axis unchanged: plain parallel copy
     ((12, 6), (1, 0), False),            # not a multiple of the tile: plain parallel copy
 ])
-def test_permuting_copies_are_exact_and_tiled_where_the_innermost_axis_changes(shape, perm, tiled):
-    scheduled = apply_default_cpu_schedules(permute_kernel(shape, perm), TARGET)
+def test_permuting_copies_are_exact_and_tiled_where_the_innermost_axis_changes(shape, perm, tiled, isa):
+    target = isa_target(isa)
+    scheduled = apply_fallback_rules(permute_kernel(shape, perm), target)
     text = scheduled.script()
     assert "T.parallel" in text
     assert ("T.vectorized(8)" in text) == tiled
-    library = tvm.compile(scheduled, target=TARGET)
+    library = tvm.compile(scheduled, target=target)
     data = np.random.default_rng(0).random(shape, dtype=np.float32)
     out = tvm.runtime.tensor(np.zeros([shape[p] for p in perm], np.float32))
     library(tvm.runtime.tensor(data), out)
     np.testing.assert_array_equal(out.numpy(), np.transpose(data, perm))
 
 
-def test_arithmetic_kernels_get_the_parallel_fallback_and_stay_exact():
+@pytest.mark.parametrize("isa", ISA_TARGETS)
+def test_arithmetic_kernels_get_the_parallel_fallback_and_stay_exact(isa):
+    target = isa_target(isa)
     a = te.placeholder((32, 24), name="a")
     b = te.placeholder((24, 16), name="b")
     k = te.reduce_axis((0, 24), name="k")
     c = te.compute((32, 16), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
-    scheduled = apply_default_cpu_schedules(tvm.IRModule({"main": te.create_prim_func([a, b, c])}), TARGET)
+    scheduled = apply_fallback_rules(tvm.IRModule({"main": te.create_prim_func([a, b, c])}), target)
     assert "T.parallel" in scheduled.script()
-    library = tvm.compile(scheduled, target=TARGET)
+    library = tvm.compile(scheduled, target=target)
     rng = np.random.default_rng(1)
     x, y = rng.random((32, 24), dtype=np.float32), rng.random((24, 16), dtype=np.float32)
     out = tvm.runtime.tensor(np.zeros((32, 16), np.float32))
@@ -83,7 +87,7 @@ def test_tvm_kernels_use_as_many_threads_as_torch_unless_told_otherwise():
 
 
 def fused_convolution(shape: tuple[int, int, int, int], out_channels: int, kernel: int, stride: int,
-                      epilogue: bool) -> tvm.IRModule:
+                      epilogue: bool, target: tvm.target.Target) -> tvm.IRModule:
     """conv2d (+ bias + residual + a per-sample embedding, as in a UNet resnet block), legalized and fused."""
     n, c, h, w = shape
     out_h, out_w = ((d + 2 * (kernel // 2) - kernel) // stride + 1 for d in (h, w))
@@ -103,10 +107,11 @@ def fused_convolution(shape: tuple[int, int, int, int], out_channels: int, kerne
                 y = builder.emit(relax.op.add(y, residual))
             out = builder.emit_output(y)
         builder.emit_func_output(out)
-    with TARGET:
+    with target:
         return relax.get_pipeline("zero")(builder.get())
 
 
+@pytest.mark.parametrize("isa", ISA_TARGETS)
 @pytest.mark.parametrize(("shape", "out_channels", "kernel", "stride", "epilogue"), [
     ((2, 8, 16, 16), 12, 3, 1, True),    # a resnet conv: bias, timestep embedding and residual fused in
     ((1, 6, 12, 20), 4, 3, 1, False),    # width not a multiple of 8, channels not of 8
@@ -115,13 +120,14 @@ def fused_convolution(shape: tuple[int, int, int, int], out_channels: int, kerne
     ((1, 3, 8, 136), 5, 3, 1, False),    # wide image: row-first order
 ])
 def test_convolutions_get_the_register_blocked_schedule_and_stay_exact(shape, out_channels, kernel, stride,
-                                                                       epilogue):
-    fused = fused_convolution(shape, out_channels, kernel, stride, epilogue)
-    convs = apply_register_blocked_schedules(fused, TARGET)
+                                                                       epilogue, isa):
+    target = isa_target(isa)
+    fused = fused_convolution(shape, out_channels, kernel, stride, epilogue, target)
+    convs = apply_rules_before_tuning(fused, target)
     kernels = [gv for gv, f in convs.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) == 1 and convs[kernels[0]].attrs["tirx.is_scheduled"]
     assert "T.vectorized" in convs[kernels[0]].script() and "local" in convs[kernels[0]].script()
-    library = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(convs, TARGET), target=TARGET), tvm.cpu())
+    library = relax.VirtualMachine(tvm.compile(apply_fallback_rules(convs, target), target=target), tvm.cpu())
     rng = np.random.default_rng(2)
     n, c, h, w = shape
     x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
@@ -137,7 +143,8 @@ def test_convolutions_get_the_register_blocked_schedule_and_stay_exact(shape, ou
     np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def fused_matmul(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool) -> tvm.IRModule:
+def fused_matmul(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool,
+                 target: tvm.target.Target) -> tvm.IRModule:
     a = relax.Var("a", relax.TensorType(a_shape, "float32"))
     b = relax.Var("b", relax.TensorType(b_shape, "float32"))
     c = relax.Var("c", relax.TensorType((b_shape[-1],), "float32"))
@@ -149,20 +156,22 @@ def fused_matmul(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool)
                 y = builder.emit(relax.op.add(y, c))
             out = builder.emit_output(y)
         builder.emit_func_output(out)
-    with TARGET:
+    with target:
         return relax.get_pipeline("zero")(builder.get())
 
 
+@pytest.mark.parametrize("isa", ISA_TARGETS)
 @pytest.mark.parametrize(("a_shape", "b_shape", "bias", "blocked"), [
     ((1, 77, 48), (48, 64), True, True),           # a linear layer on 77 text tokens (7-row blocks)
     ((2, 3, 16, 8), (2, 3, 8, 48), False, True),   # attention scores per head
     ((2, 16, 24), (24, 20), True, False),          # 20 columns: no power-of-two vector, left to the fallback
 ])
-def test_matmuls_get_register_blocks_where_the_columns_allow_and_stay_exact(a_shape, b_shape, bias, blocked):
-    scheduled = apply_register_blocked_schedules(fused_matmul(a_shape, b_shape, bias), TARGET)
+def test_matmuls_get_register_blocks_where_the_columns_allow_and_stay_exact(a_shape, b_shape, bias, blocked, isa):
+    target = isa_target(isa)
+    scheduled = apply_rules_before_tuning(fused_matmul(a_shape, b_shape, bias, target), target)
     kernel = next(f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
     assert bool(kernel.attrs and kernel.attrs.get("tirx.is_scheduled")) == blocked
-    library = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(scheduled, TARGET), target=TARGET),
+    library = relax.VirtualMachine(tvm.compile(apply_fallback_rules(scheduled, target), target=target),
                                    tvm.cpu())
     rng = np.random.default_rng(3)
     a, b = (rng.standard_normal(s, dtype=np.float32) for s in (a_shape, b_shape))
@@ -171,15 +180,39 @@ def test_matmuls_get_register_blocks_where_the_columns_allow_and_stay_exact(a_sh
     np.testing.assert_allclose(out.numpy(), a @ b + (c if bias else 0), rtol=1e-4, atol=1e-4)
 
 
-def test_convolution_tiles_fit_the_shape():
-    assert convolution_tiles(320, 64, 9) == (4, 32)
-    assert convolution_tiles(1280, 8, 9) == (8, 8)
-    assert convolution_tiles(320, 64, 1) == (16, 16)
-    assert convolution_tiles(4, 64, 9) == (4, 32)
-    assert convolution_tiles(3, 20, 9) == (1, 4)
-    assert matmul_tiles(77, 3072) == (7, 32)
-    assert matmul_tiles(4096, 40) == (8, 8)
-    assert matmul_tiles(16, 20) is None
+def test_profiles_come_from_the_target():
+    assert (AVX512.isa, AVX512.lanes, AVX512.vector_registers, AVX512.avx512_bf16) == ("avx512", 16, 32, True)
+    assert (AVX2.isa, AVX2.lanes, AVX2.vector_registers, AVX2.avx512_bf16) == ("avx2", 8, 16, False)
+    no_avx512 = cpu_profile(tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512f"]}))
+    assert (no_avx512.lanes, no_avx512.vector_registers) == (8, 16)
+    arm = cpu_profile(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"}))
+    assert (arm.isa, arm.lanes, arm.vector_registers) == ("neon", 4, 32)
+    assert AVX2.l1_bytes > 0 and AVX2.l2_bytes > AVX2.l1_bytes and "avx2" in AVX2.describe()
+
+
+def test_register_blocks_fit_the_register_file():
+    """AVX-512 keeps the blocks measured on a Zen 4; AVX2 gets blocks of 8-lane vectors that fit 16 registers."""
+    assert (AVX512.accumulators, AVX2.accumulators) == (16, 12)
+    assert convolution_tiles(320, 64, AVX512) == (8, 32)
+    assert convolution_tiles(1280, 16, AVX512) == (8, 16)
+    assert convolution_tiles(4, 64, AVX512) == (4, 32)
+    assert convolution_tiles(3, 20, AVX512) == (3, 4)
+    assert convolution_tiles(320, 64, AVX2) == (5, 16)
+    assert convolution_tiles(128, 64, AVX2) == (4, 16)
+    assert matmul_tiles(77, 3072, AVX512) == (7, 32)
+    assert matmul_tiles(4096, 40, AVX512) == (8, 8)
+    assert matmul_tiles(16, 20, AVX512) is None
+    assert matmul_tiles(4096, 320, AVX2) == (4, 16)
+    assert matmul_tiles(77, 3072, AVX2) == (7, 8)
+    assert attention_tiles(4096, 4096, 40, AVX512) == (32, 16, 8)
+    assert attention_tiles(4096, 4096, 40, AVX2) == (16, 8, 4)
+    assert transpose_tile(AVX512) == transpose_tile(AVX2) == 8
+    for profile in (AVX512, AVX2):
+        for rows, columns in ((4096, 320), (77, 3072), (8192, 1280)):
+            height, width = matmul_tiles(rows, columns, profile)
+            assert height * max(1, width // profile.lanes) <= profile.accumulators
+            channels, width = convolution_tiles(columns, 64, profile)
+            assert channels * max(1, width // profile.lanes) <= profile.accumulators
 
 
 def attention_graph(heads: int, queries: int, keys: int, depth: int) -> tvm.IRModule:
@@ -195,17 +228,19 @@ def attention_graph(heads: int, queries: int, keys: int, depth: int) -> tvm.IRMo
     return builder.get()
 
 
+@pytest.mark.parametrize("isa", ISA_TARGETS)
 @pytest.mark.parametrize(("queries", "keys", "fused"), [(48, 64, True), (32, 77, True), (20, 64, False)])
-def test_attention_is_one_kernel_with_a_cached_score_block_and_stays_exact(queries, keys, fused):
+def test_attention_is_one_kernel_with_a_cached_score_block_and_stays_exact(queries, keys, fused, isa):
+    target = isa_target(isa)
     graph = fuse_attention(attention_graph(3, queries, keys, 40))
     assert any(gv.name_hint.startswith("fused_attention") for gv in graph.get_global_vars()) == fused
-    with TARGET:
-        built = apply_register_blocked_schedules(relax.get_pipeline("zero")(graph), TARGET)
+    with target:
+        built = apply_rules_before_tuning(relax.get_pipeline("zero")(graph), target)
     kernels = {gv.name_hint: f for gv, f in built.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     if fused:
         (kernel,) = kernels.values()
         assert kernel.attrs["tirx.is_scheduled"] and "T.parallel" in kernel.script()
-    library = relax.VirtualMachine(tvm.compile(apply_default_cpu_schedules(built, TARGET), target=TARGET), tvm.cpu())
+    library = relax.VirtualMachine(tvm.compile(apply_fallback_rules(built, target), target=target), tvm.cpu())
     rng = np.random.default_rng(4)
     q = rng.standard_normal((2, 3, queries, 40), dtype=np.float32)
     key_t = rng.standard_normal((2, 3, 40, keys), dtype=np.float32)

@@ -1,0 +1,109 @@
+"""The runtimes `sdaot bench` holds tvm against, run the way their own users run them.
+
+A peer gets the best chance it has on a CPU: a plain ONNX export of the component with its weights as
+initializers (so onnxruntime can pre-pack them and apply its NCHWc layout transformer, and OpenVINO can
+fold and re-layout them), onnxruntime at ORT_ENABLE_ALL, OpenVINO's CPU plugin at its default precision
+(bf16 on CPUs with avx512_bf16 or AMX, f32 elsewhere) and, as a second row, held to f32. Every peer uses
+as many threads as torch. The peer libraries are an optional extra (`pip install sdaot[peers]`): a
+missing one is reported in its row, never fatal.
+
+To hold the peers to AVX2 on an AVX-512 machine, start the bench with `ISA_LIMIT_VARIABLES` set;
+`isa_limits()` records which were set beside the results (torch's oneDNN, MKL and ATen honour theirs;
+onnxruntime's MLAS reads the CPU itself and honours none).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ISA_LIMIT_VARIABLES = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+OPSET = 17
+PEERS = ("onnxruntime", "openvino", "openvino-f32")
+
+
+def isa_limits() -> dict[str, str]:
+    """The ISA-limiting environment variables this process was started with."""
+    return {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if name in os.environ}
+
+
+def plain_onnx_export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], folder: Path) -> Path:
+    """The component exported as its users export it: weights as initializers (external files past 2 GB),
+    constants folded. Returns the .onnx path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), input_names=list(module.input_names),
+                          output_names=list(module.output_names), opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    return path
+
+
+class _GraphPeer:
+    """Feeds a component's inputs, given in the module's order, to an exported graph by name (an export drops
+    the inputs it does not use) and returns its outputs as torch tensors."""
+
+    precision = "f32"
+
+    def __init__(self, input_names: list[str], graph_inputs: list[str]) -> None:
+        self.input_names, self.graph_inputs = input_names, graph_inputs
+
+    def _run(self, feed: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        given = dict(zip(self.input_names, inputs, strict=True))
+        outputs = self._run({name: given[name].numpy() for name in self.graph_inputs})
+        return tuple(torch.from_numpy(out.copy()) for out in outputs)
+
+
+class OnnxRuntimePeer(_GraphPeer):
+    """A component under onnxruntime with every graph optimization, weights pre-packed by onnxruntime."""
+
+    def __init__(self, path: Path, input_names: list[str]) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        super().__init__(input_names, [i.name for i in self.session.get_inputs()])
+
+    def _run(self, feed: dict[str, Any]) -> list[Any]:
+        return self.session.run(None, feed)
+
+
+class OpenVinoPeer(_GraphPeer):
+    """A component under OpenVINO's CPU plugin, at its default precision or held to f32."""
+
+    def __init__(self, path: Path, input_names: list[str], f32: bool) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if f32 else {}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.request = self.compiled.create_infer_request()
+        super().__init__(input_names, [port.any_name for port in self.compiled.inputs])
+
+    def _run(self, feed: dict[str, Any]) -> list[Any]:
+        results = self.request.infer(feed)
+        return [results[port] for port in self.compiled.outputs]
+
+
+def load_peer(backend: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+              exports: dict[int, Path]) -> _GraphPeer:
+    """A callable running `module` on the peer `backend`; the plain export is made once per module (kept in
+    `exports`) and shared by the peers."""
+    if id(module) not in exports:
+        exports[id(module)] = plain_onnx_export(module, inputs, Path(tempfile.mkdtemp(prefix="sdaot-peer-")))
+    path, names = exports[id(module)], list(module.input_names)
+    if backend == "onnxruntime":
+        return OnnxRuntimePeer(path, names)
+    return OpenVinoPeer(path, names, f32=backend == "openvino-f32")
