@@ -6,31 +6,37 @@ import base64
 import binascii
 import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import InvalidRequestError
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+ACCEPTED = tuple(FORMATS.values())
 
 
 def decode_image(data: str, param: str, max_pixels: int) -> Image.Image:
-    """Decode a base64 image; its size is checked from the header before any pixel is decoded."""
+    """Decode a base64 PNG, JPEG or WebP image (line breaks allowed, as the `base64` tool writes them); its
+    format and size are checked from the header before any pixel is decoded."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequestError("is not valid base64", param=param) from exc
     try:
         img = Image.open(io.BytesIO(raw))
-        width, height = img.size
-        if width * height > max_pixels:
-            raise InvalidRequestError(f"image is {width}x{height}, over the limit of {max_pixels} pixels",
-                                      param=param)
+    except Exception as exc:  # Pillow raises many types for bytes that are no image it knows
+        raise InvalidRequestError("is not a PNG, JPEG or WebP image", param=param) from exc
+    if img.format not in ACCEPTED:
+        raise InvalidRequestError(f"is a {img.format} image; send PNG, JPEG or WebP", param=param)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise InvalidRequestError(f"image is {width}x{height}, over the limit of {max_pixels} pixels", param=param)
+    try:
         img.load()
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidRequestError(f"is not a readable image ({exc})", param=param) from exc
+    except Exception as exc:  # a truncated or corrupt file fails only when its pixels are decoded
+        raise InvalidRequestError(f"is a damaged {img.format} image ({type(exc).__name__})", param=param) from exc
 
 
 def encode_image(img: Image.Image, fmt: str) -> str:
