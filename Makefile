@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev,peers]'
 	touch $(STAMP)
 
-.PHONY: setup serve test lint
+.PHONY: setup serve test test-quick lint
 setup: $(STAMP)
 
 serve: $(STAMP)
@@ -18,6 +18,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+test-quick: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -157,7 +158,8 @@ class Runner:
             return TvmComponent(component, artifact, module), seconds, {}
         if backend in PEERS:
             start = time.perf_counter()
-            peer = load_peer(backend, module, example_inputs(self.bundle, job, self.modules), self.plain_exports)
+            peer = load_peer(backend, module, example_inputs(self.bundle, job, self.modules), self.scratch,
+                             self.plain_exports)
             return peer, time.perf_counter() - start, {}
         artifact, seconds = built[component] if component in built else self._exported(job)
         return OnnxRuntimeComponent(component, artifact, module), seconds, {}
@@ -169,7 +171,7 @@ class Runner:
         try:
             runner, setup, tuning = self.component_backend(component, backend, built)
         except Exception as exc:  # a backend that cannot build or load is reported, not fatal
-            return Measurement(component, backend, f"failed: {type(exc).__name__}: {exc}"[:300])
+            return Measurement(component, backend, _failure(exc))
         if isinstance(runner, str):
             return Measurement(component, backend, runner)
         last: list[object] = [None]
@@ -177,12 +179,15 @@ class Runner:
         def call() -> None:
             last[0] = runner(*inputs)
 
-        with torch.inference_mode():
-            first = _timed(call)
-            for _ in range(max(self.warmup - 1, 0)):
-                call()
-            runs = [_timed(call) for _ in range(self.repeat)]
-            profile = runner.profile(*inputs) if self.profile and isinstance(runner, TvmComponent) else []
+        try:
+            with torch.inference_mode():
+                first = _timed(call)
+                for _ in range(max(self.warmup - 1, 0)):
+                    call()
+                runs = [_timed(call) for _ in range(self.repeat)]
+                profile = runner.profile(*inputs) if self.profile and isinstance(runner, TvmComponent) else []
+        except Exception as exc:  # a backend that fails on the inputs is reported in its row; the others go on
+            return Measurement(component, backend, _failure(exc))
         self.outputs[(component, backend)] = flat_output(last[0])
         setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
         build = runner.artifact.manifest if isinstance(runner, TvmComponent) else {}
@@ -193,6 +198,11 @@ class Runner:
                            conv_algorithm=build.get("conv_algorithm", "direct") if build else None,
                            weight_transforms=build.get("weight_transforms", "per-call") if build else None,
                            precision=getattr(runner, "precision", "f32"))
+
+
+def _failure(exc: Exception) -> str:
+    """A backend's failure as one line of a results table."""
+    return " ".join(f"failed: {type(exc).__name__}: {exc}".split())[:300]
 
 
 def flat_output(output: object) -> torch.Tensor:
@@ -269,6 +279,7 @@ def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list
     out_dir.mkdir(parents=True, exist_ok=True)
     quality = image_quality(bundle, resolution, artifacts_root, quality_steps, out_dir, log) if quality_steps \
         else None
+    shutil.rmtree(runner.scratch, ignore_errors=True)
     report = {
         "model": bundle.spec.name, "weights": bundle.source, "resolution": resolution_key(resolution),
         "steps": steps, "warmup": warmup, "repeat": repeat, "target": target_key(target),
@@ -344,7 +355,7 @@ def markdown(report: dict) -> str:
                      f"{fmt(r['median_s'], '.4f')} | {spread} | {fmt(r['gflops_per_s'], '.1f')} | "
                      f"{fmt(r['percent_of_peak'], '.0f')} | {fmt(r['setup_s'], '.1f')} | "
                      f"{fmt(r.get('kernel_sum_s'), '.4f')} | {fmt(r.get('rel_err_vs_torch'), '.1e')} | "
-                     f"{fmt(r.get('rss_after_mb'), '.0f')} | {r['status']} |")
+                     f"{fmt(r.get('rss_after_mb'), '.0f')} | {' '.join(r['status'].split())} |")
     lines += ["", f"End-to-end seconds per image ({report['steps']} steps, from the medians): " + ", ".join(
         f"{b}: {t if t is not None else '–'}" for b, t in sorted(report["end_to_end_s_per_image"].items())), ""]
     quality = report.get("quality")

@@ -51,15 +51,15 @@ class _GraphPeer:
 
     precision = "f32"
 
-    def __init__(self, input_names: list[str], graph_inputs: list[str]) -> None:
+    def __init__(self, input_names: list[str], graph_inputs: dict[Any, str]) -> None:
         self.input_names, self.graph_inputs = input_names, graph_inputs
 
-    def _run(self, feed: dict[str, Any]) -> list[Any]:
+    def _run(self, feed: dict[Any, Any]) -> list[Any]:
         raise NotImplementedError
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         given = dict(zip(self.input_names, inputs, strict=True))
-        outputs = self._run({name: given[name].numpy() for name in self.graph_inputs})
+        outputs = self._run({key: given[name].numpy() for key, name in self.graph_inputs.items()})
         return tuple(torch.from_numpy(out.copy()) for out in outputs)
 
 
@@ -73,9 +73,9 @@ class OnnxRuntimePeer(_GraphPeer):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        super().__init__(input_names, [i.name for i in self.session.get_inputs()])
+        super().__init__(input_names, {i.name: i.name for i in self.session.get_inputs()})
 
-    def _run(self, feed: dict[str, Any]) -> list[Any]:
+    def _run(self, feed: dict[Any, Any]) -> list[Any]:
         return self.session.run(None, feed)
 
 
@@ -90,19 +90,26 @@ class OpenVinoPeer(_GraphPeer):
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.request = self.compiled.create_infer_request()
-        super().__init__(input_names, [port.any_name for port in self.compiled.inputs])
+        ports = {}
+        for index, port in enumerate(self.compiled.inputs):
+            names = port.get_names() & set(input_names)
+            if len(names) != 1:
+                raise RuntimeError(f"OpenVINO input {index} ({sorted(port.get_names())}) matches no single input "
+                                   f"of {input_names}")
+            ports[index] = names.pop()
+        super().__init__(input_names, ports)
 
-    def _run(self, feed: dict[str, Any]) -> list[Any]:
+    def _run(self, feed: dict[Any, Any]) -> list[Any]:
         results = self.request.infer(feed)
         return [results[port] for port in self.compiled.outputs]
 
 
-def load_peer(backend: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+def load_peer(backend: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], scratch: Path,
               exports: dict[int, Path]) -> _GraphPeer:
-    """A callable running `module` on the peer `backend`; the plain export is made once per module (kept in
-    `exports`) and shared by the peers."""
+    """A callable running `module` on the peer `backend`; the plain export is made once per module (under
+    `scratch`, kept in `exports`) and shared by the peers."""
     if id(module) not in exports:
-        exports[id(module)] = plain_onnx_export(module, inputs, Path(tempfile.mkdtemp(prefix="sdaot-peer-")))
+        exports[id(module)] = plain_onnx_export(module, inputs, Path(tempfile.mkdtemp(prefix="peer-", dir=scratch)))
     path, names = exports[id(module)], list(module.input_names)
     if backend == "onnxruntime":
         return OnnxRuntimePeer(path, names)

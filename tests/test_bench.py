@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from sdaot.runtime.cli import main
 
 
+@pytest.mark.slow
 def test_bench_reports_each_backend_with_ratios(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
                                        "--components", "text_encoder,vae_decoder", "--backends",

@@ -18,6 +18,7 @@ def run_cli(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_acceptance_command_writes_a_64px_png_reproducibly(tmp_path):
     out = tmp_path / "out.png"
     cmd = [sys.executable, "-m", "sdaot.runtime.cli", *BASE, "--seed", "7", "-o", str(out)]

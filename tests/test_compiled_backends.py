@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FAMILIES, psnr
+from conftest import AVX2_TARGET, FAMILIES, psnr
 from PIL import Image
 
 from sdaot.runtime.artifacts import list_artifacts
@@ -16,6 +16,8 @@ from sdaot.runtime.cli import main
 from sdaot.runtime.errors import BackendUnavailableError
 from sdaot.runtime.loader import load_pipeline
 from sdaot.runtime.request import parse_request
+
+pytestmark = pytest.mark.slow  # full compiles: `make test` runs them, `make test-quick` does not
 
 
 def test_artifacts_are_listed_with_manifest_fields(compiled_root):
@@ -60,6 +62,28 @@ def test_auto_uses_tvm_where_compiled_and_torch_elsewhere(compiled_root):
     assert compiled.backends == {"text_encoder": "tvm", "unet": "tvm", "vae_decoder": "tvm"}
     other = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=72, width=64, steps=2)))
     assert other.backends["unet"] == "torch" and other.backends["text_encoder"] == "tvm"
+
+
+def test_an_avx2_build_serves_this_machine_and_matches_torch(tmp_path):
+    """A library built for AVX2 (Zen 3) is found and run here whatever this CPU is, as long as it has AVX2; a
+    target whose instructions this CPU lacks is never offered."""
+    avx2 = json.dumps({k: v for k, v in AVX2_TARGET.items() if k != "num-cores"})
+    built = CliRunner().invoke(main, ["compile", "--model", "SD1.5", "--resolution", "64x64", "--components",
+                                      "unet", "--target", avx2, "--out", str(tmp_path)], catch_exceptions=False)
+    assert built.exit_code == 0, built.output
+    assert "for llvm-znver3" in built.output
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
+    request = dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=3, seed=4)
+    compiled = pipe.generate(parse_request(request | {"backend": "tvm"}))
+    assert compiled.backends["unet"] == "tvm"
+    reference = pipe.generate(parse_request(request | {"backend": "torch"}))
+    assert psnr(compiled.images[0], reference.images[0]) >= 40
+
+    from sdaot.runtime.targets import runs_on_this_cpu
+
+    arm = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})
+    assert runs_on_this_cpu("llvm-znver3", avx2) and not runs_on_this_cpu("llvm-neoverse-v1", arm)
+    assert not runs_on_this_cpu("cuda-sm_90", json.dumps({"kind": "cuda", "arch": "sm_90"}))
 
 
 def test_tvm_at_an_uncompiled_resolution_lists_the_compiled_ones(compiled_root, tmp_path):

@@ -86,6 +86,7 @@ def controlnet_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_tvm_controlnet_matches_torch_for_every_name_from_one_build(controlnet_root, model):
     pipe = load_pipeline(model, "tiny", artifacts_root=controlnet_root)

@@ -22,6 +22,7 @@ def tree_digest(root):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_lora_changes_the_image_on_torch_and_tvm_alike_without_rebuild(compiled_root, lora_folder):
     import psutil
 

@@ -18,6 +18,8 @@ KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ERROR_KEYS = {"object", "message", "type", "param", "code"}
 
+pytestmark = pytest.mark.slow  # the server serves compiled artifacts (conftest.compiled_root)
+
 
 def free_port() -> int:
     with socket.socket() as s:

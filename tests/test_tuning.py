@@ -1,5 +1,6 @@
 """MetaSchedule tuning applies to the build, resumes without repeating trials, and keeps results right."""
 
+import pytest
 from click.testing import CliRunner
 from conftest import psnr
 
@@ -7,6 +8,8 @@ from sdaot.runtime.artifacts import list_artifacts
 from sdaot.runtime.cli import main
 from sdaot.runtime.loader import load_pipeline
 from sdaot.runtime.request import parse_request
+
+pytestmark = pytest.mark.slow  # full compiles: `make test` runs them, `make test-quick` does not
 
 
 def records(db_folder):

@@ -3,6 +3,7 @@ again after any in-place weight change (LoRA), never served stale."""
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -13,6 +14,8 @@ from sdaot.runtime.compiled import TvmComponent
 from sdaot.runtime.components import TorchComponent, component_modules
 from sdaot.runtime.registry import get_model
 from sdaot.runtime.weights import load_weights
+
+pytestmark = pytest.mark.slow  # full compiles: `make test` runs them, `make test-quick` does not
 
 
 def test_transformed_weights_follow_in_place_weight_changes(tmp_path):

@@ -77,6 +77,7 @@ def test_winograd_rewrites_only_where_it_fits_and_matches_torch(shape, out_chann
     assert np.abs(out - expected).max() / np.abs(expected).max() < 2e-5
 
 
+@pytest.mark.slow
 def test_winograd_build_passes_the_bench_quality_gate(tmp_path):
     """Compile the tiny VAE decoder with Winograd, then bench it against torch with the 2-step image gate."""
     compiled = CliRunner().invoke(main, ["compile", "--model", "SD1.5", "--resolution", "64x64", "--components",
