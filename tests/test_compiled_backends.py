@@ -74,8 +74,8 @@ def test_an_avx2_build_serves_this_machine_and_matches_torch(tmp_path):
     assert "for llvm-znver3" in built.output
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
     request = dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=3, seed=4)
-    compiled = pipe.generate(parse_request(request | {"backend": "tvm"}))
-    assert compiled.backends["unet"] == "tvm"
+    compiled = pipe.generate(parse_request(request | {"backend": "auto"}))
+    assert compiled.backends == {"text_encoder": "torch", "unet": "tvm", "vae_decoder": "torch"}
     reference = pipe.generate(parse_request(request | {"backend": "torch"}))
     assert psnr(compiled.images[0], reference.images[0]) >= 40
 
@@ -83,6 +83,7 @@ def test_an_avx2_build_serves_this_machine_and_matches_torch(tmp_path):
 
     arm = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"})
     assert runs_on_this_cpu("llvm-znver3", avx2) and not runs_on_this_cpu("llvm-neoverse-v1", arm)
+    assert not runs_on_this_cpu("llvm-future", json.dumps({"kind": "llvm", "mcpu": "znver3", "mattr": ["+amx-fp8"]}))
     assert not runs_on_this_cpu("cuda-sm_90", json.dumps({"kind": "cuda", "arch": "sm_90"}))
 
 
