@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from .export import OPSET
+
 ISA_LIMIT_VARIABLES = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-OPSET = 17
 PEERS = ("onnxruntime", "openvino", "openvino-f32")
 
 

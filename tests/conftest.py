@@ -71,9 +71,10 @@ def _isa_targets() -> dict[str, dict]:
     from sdaot.compiler.kernels import cpu_profile
 
     host = tvm.target.Target.from_device(tvm.cpu())
+    isa = cpu_profile(host).isa
     targets = {"avx2": AVX2_TARGET}
-    if cpu_profile(host).isa != "avx2":
-        targets[f"host-{cpu_profile(host).isa}"] = json.loads(str(host)) | {"num-cores": 2}
+    if isa != "avx2":
+        targets[f"host-{isa}"] = json.loads(str(host)) | {"num-cores": 2}
     return targets
 
 
