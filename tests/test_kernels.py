@@ -15,7 +15,7 @@ from tvm import relax, te
 from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
 from sdaot.compiler.kernels.attention import attention_tiles, fuse_attention
 from sdaot.compiler.kernels.convolution import convolution_tiles
-from sdaot.compiler.kernels.matmul import matmul_tiles
+from sdaot.compiler.kernels.matmul import FEWEST_CHUNK_ROWS, matmul_tiles, register_blocks_per_chunk
 from sdaot.compiler.kernels.transpose import transpose_tile
 
 AVX512 = cpu_profile(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
@@ -126,7 +126,9 @@ def test_convolutions_get_the_register_blocked_schedule_and_stay_exact(shape, ou
     convs = apply_rules_before_tuning(fused, target)
     kernels = [gv for gv, f in convs.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) == 1 and convs[kernels[0]].attrs["tirx.is_scheduled"]
-    assert "T.vectorized" in convs[kernels[0]].script() and "local" in convs[kernels[0]].script()
+    script = convs[kernels[0]].script()
+    assert "T.vectorized" in script and "local" in script
+    assert ("_global" in script) == (kernel == 1), "1x1 convolutions are matmuls with packed image panels"
     library = relax.VirtualMachine(tvm.compile(apply_fallback_rules(convs, target), target=target), tvm.cpu())
     rng = np.random.default_rng(2)
     n, c, h, w = shape
@@ -164,6 +166,7 @@ def fused_matmul(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool,
 @pytest.mark.parametrize(("a_shape", "b_shape", "bias", "blocked"), [
     ((1, 77, 48), (48, 64), True, True),           # a linear layer on 77 text tokens (7-row blocks)
     ((2, 3, 16, 8), (2, 3, 8, 48), False, True),   # attention scores per head
+    ((520, 40), (40, 96), True, True),             # several row chunks, each packing three column panels
     ((2, 16, 24), (24, 20), True, False),          # 20 columns: no power-of-two vector, left to the fallback
 ])
 def test_matmuls_get_register_blocks_where_the_columns_allow_and_stay_exact(a_shape, b_shape, bias, blocked, isa):
@@ -171,6 +174,7 @@ def test_matmuls_get_register_blocks_where_the_columns_allow_and_stay_exact(a_sh
     scheduled = apply_rules_before_tuning(fused_matmul(a_shape, b_shape, bias, target), target)
     kernel = next(f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
     assert bool(kernel.attrs and kernel.attrs.get("tirx.is_scheduled")) == blocked
+    assert ("b_global" in kernel.script()) == blocked, "blocked matmuls read packed panels of b"
     library = relax.VirtualMachine(tvm.compile(apply_fallback_rules(scheduled, target), target=target),
                                    tvm.cpu())
     rng = np.random.default_rng(3)
@@ -208,6 +212,9 @@ def test_register_blocks_fit_the_register_file():
     assert attention_tiles(4096, 4096, 40, AVX2) == (16, 8, 4)
     assert transpose_tile(AVX512) == transpose_tile(AVX2) == 8
     for profile in (AVX512, AVX2):
+        for rows, depth, block_rows in ((8192, 320, 8), (8192, 2560, 4), (154, 768, 7), (520, 40, 8)):
+            chunk = block_rows * register_blocks_per_chunk(rows, depth, block_rows, profile)
+            assert rows % chunk == 0 and chunk >= min(rows // 5, FEWEST_CHUNK_ROWS)
         for rows, columns in ((4096, 320), (77, 3072), (8192, 1280)):
             height, width = matmul_tiles(rows, columns, profile)
             assert height * max(1, width // profile.lanes) <= profile.accumulators
