@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdaot.runtime.artifacts import Artifact, list_artifacts, resolution_key
+from sdaot.runtime.artifacts import Artifact, Manifest, list_artifacts, resolution_key
 from sdaot.runtime.compiled import OnnxRuntimeComponent, TvmComponent
 from sdaot.runtime.components import TorchComponent
 from sdaot.runtime.targets import target_key
 from sdaot.runtime.weights import ModelBundle
 
-from .compile import CompileJob, compile_job, compile_modules, example_inputs
+from .compile import CompileJob, compile_job, compile_modules, describe_artifact, example_inputs
 from .export import export_component
 from .kernels import cpu_profile
 from .peers import PEERS, isa_limits, load_peer
@@ -122,8 +122,7 @@ class Runner:
     def _untuned(self, job: CompileJob) -> tuple[Artifact, float]:
         start = time.perf_counter()
         path = compile_job(self.bundle, job, self.target, self.scratch, log=self.log, modules=self.modules)
-        manifest = json.loads((path / "manifest.json").read_text())
-        return Artifact(path, manifest), time.perf_counter() - start
+        return Artifact(path, Manifest.read(path)), time.perf_counter() - start
 
     def _exported(self, job: CompileJob) -> tuple[Artifact, float]:
         """The artifact's ONNX graph alone, for onnxruntime-artifact when no untuned TVM build was asked for."""
@@ -132,7 +131,7 @@ class Runner:
         folder = self.scratch / f"{job.component}-onnx"
         folder.mkdir(parents=True, exist_ok=True)
         onnx.save(graph.model, str(folder / "model.onnx"))
-        manifest = {"batch": job.batch, "inputs": graph.inputs, "weights": graph.weights}
+        manifest = describe_artifact(self.bundle, job, graph, self.target, lib_sha256=None)
         return Artifact(folder, manifest), time.perf_counter() - start
 
     def component_backend(self, component: str, backend: str, built: dict):
@@ -149,8 +148,8 @@ class Runner:
             if compiled is None:
                 return "no artifact under --artifacts (run `sdaot compile`)", None, {}
             loaded = TvmComponent(component, compiled, module)
-            return (loaded, compiled.manifest["build_seconds"] + loaded.transform_seconds,
-                    compiled.manifest.get("tuning") or {})
+            return (loaded, compiled.manifest.build_seconds + loaded.transform_seconds,
+                    compiled.manifest.tuning or {})
         if backend == "tvm-untuned":
             if component not in built:
                 built[component] = self._untuned(job)
@@ -190,7 +189,7 @@ class Runner:
             return Measurement(component, backend, _failure(exc))
         self.outputs[(component, backend)] = flat_output(last[0])
         setup = (setup or 0.0) + (first if backend == "torch-compile" else 0.0)
-        build = runner.artifact.manifest if isinstance(runner, TvmComponent) else {}
+        build = runner.artifact.manifest.model_dump() if isinstance(runner, TvmComponent) else {}
         return Measurement(component, backend, "ok", statistics.median(runs), min(runs), max(runs), runs,
                            round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20,
                            kernel_sum_s=tuning.get("kernel_sum_s"), profile=profile[:PROFILE_ROWS],

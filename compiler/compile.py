@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import time
 import uuid
@@ -16,7 +16,7 @@ import torch
 
 from sdaot.runtime.artifacts import (
     FORMAT_VERSION,
-    MANIFEST,
+    Manifest,
     artifact_dir,
     file_sha256,
     resolution_key,
@@ -28,7 +28,7 @@ from sdaot.runtime.errors import InvalidRequestError
 from sdaot.runtime.targets import target_json, target_key
 from sdaot.runtime.weights import ModelBundle
 
-from .export import export_component
+from .export import ExportedGraph, export_component
 from .tvm_build import TuningOptions, build_library
 
 SIZE_FREE = ("text_encoder", "text_encoder_2")
@@ -124,11 +124,10 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
                 tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
                 weight_transforms: str = "per-call") -> Path:
     """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
-    import tvm
 
     final = artifact_dir(root, bundle.spec.name, job.component, job.resolution, job.batch, target_key(target))
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / _temporary_name("tmp")
     tmp.mkdir()
     try:
         start = time.perf_counter()
@@ -145,38 +144,14 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         winograd_note = f", {info.winograd_convolutions} convolutions by Winograd" if conv_algorithm != "direct" else ""
         log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note}"
             f"{winograd_note})")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "sdaot_version": VERSION,
-            "tvm_version": tvm.__version__,
-            "model": bundle.spec.name,
-            "family": bundle.spec.family,
-            "component": job.component,
-            "resolution": resolution_key(job.resolution),
-            "batch": job.batch,
-            "inputs": graph.inputs,
-            "outputs": graph.outputs,
-            "weights": graph.weights,
-            "weights_signature": weights_signature(graph.weights),
-            "weight_source": bundle.source,
-            "target": target_json(target),
-            "target_key": target_key(target),
-            "onnx_sha256": graph.sha256,
-            "lib_sha256": file_sha256(tmp / "lib.so"),
-            "tuned": info.scheduled_functions > 0,
-            "tuned_functions": info.scheduled_functions,
-            "total_functions": info.total_functions,
-            "tuning": asdict(info.tuning) if info.tuning else None,
-            "tuning_database": str(tuning.database) if tuning else None,
-            "conv_algorithm": conv_algorithm,
-            "winograd_convolutions": info.winograd_convolutions,
-            "weight_transforms": weight_transforms,
-            "build_seconds": round(built - start, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        describe_artifact(bundle, job, graph, target, lib_sha256=file_sha256(tmp / "lib.so"),
+                          tuned_functions=info.scheduled_functions, total_functions=info.total_functions,
+                          tuning=asdict(info.tuning) if info.tuning else None,
+                          tuning_database=str(tuning.database) if tuning else None, conv_algorithm=conv_algorithm,
+                          winograd_convolutions=info.winograd_convolutions, weight_transforms=weight_transforms,
+                          build_seconds=round(built - start, 2)).write(tmp)
         if final.exists():
-            old = final.parent / f".old-{uuid.uuid4().hex[:8]}"
+            old = final.parent / _temporary_name("old")
             final.rename(old)
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(final)
@@ -185,9 +160,48 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def describe_artifact(bundle: ModelBundle, job: CompileJob, graph: ExportedGraph, target: Any,
+                      lib_sha256: str | None, **build: Any) -> Manifest:
+    """The manifest of an artifact of `job` holding `graph` (and a library of that hash, if any); `build`
+    holds the build facts (tuning, algorithms, seconds)."""
+    import tvm
+
+    return Manifest(
+        format_version=FORMAT_VERSION, sdaot_version=VERSION, tvm_version=tvm.__version__,
+        model=bundle.spec.name, family=bundle.spec.family, component=job.component,
+        resolution=resolution_key(job.resolution), batch=job.batch, inputs=graph.inputs, outputs=graph.outputs,
+        weights=graph.weights, weights_signature=weights_signature(graph.weights), weight_source=bundle.source,
+        target=target_json(target), target_key=target_key(target), onnx_sha256=graph.sha256,
+        lib_sha256=lib_sha256, tuned=build.get("tuned_functions", 0) > 0,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **build)
+
+
+def _temporary_name(kind: str) -> str:
+    """`.tmp-<pid>-<random>` (being written) or `.old-<pid>-<random>` (being replaced): the pid says whose."""
+    return f".{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def remove_stale_temporaries(root: Path) -> int:
-    """Delete temporary folders left by compiles that were killed; returns how many."""
-    stale = [p for p in root.glob("*/*/.tmp-*") if p.is_dir()] + [p for p in root.glob("*/*/.old-*") if p.is_dir()]
+    """Delete the temporary folders that killed compiles left, and only those: a folder whose writer is
+    still running (another compile into the same root) is left alone. Returns how many were deleted.
+
+    The writer is known by the pid in the folder's name, so this holds for compiles on one machine; compiles
+    on several machines into one shared root must not overlap."""
+    stale = [p for kind in ("tmp", "old") for p in root.glob(f"*/*/.{kind}-*")
+             if p.is_dir() and not _writer_alive(p.name)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return len(stale)
+
+
+def _writer_alive(name: str) -> bool:
+    pid = name.split("-")[1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .request import MAX_SIDE, MIN_SIDE, RequestFields
 
@@ -23,3 +23,53 @@ class ApiGenerationRequest(RequestFields):
     image: str | None = Field(default=None, description="img2img start image, base64 or data URL")
     controlnet_image: str | None = Field(default=None, description="ControlNet image, base64 or data URL")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class ErrorBody(BaseModel):
+    """The reference API's error shape, for every 4xx and 5xx answer."""
+
+    object: Literal["error"] = "error"
+    message: str = Field(description="What is wrong, naming the field where one is to blame")
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error, ...")
+    param: str | None = Field(description="The request field at fault, if any")
+    code: int = Field(description="The HTTP status")
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: a field's value, an image, a LoRA or an unknown name; `param` names the field",
+    401: "Missing or invalid API key (Authorization: Bearer <key>)",
+    404: "Model not served here",
+    413: "Request body over the size limit (counted on the bytes received, chunked or not)",
+    422: "Body does not match the schema (type, range, unknown field); `param` is the field's path",
+    429: "Every worker and queue slot is taken; retry after `Retry-After` seconds",
+    499: "The client closed the connection; the generation was cancelled",
+    503: "Models are still loading, or could not be loaded (the message says why)",
+    504: "The generation took longer than the server's time limit and was cancelled",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for these error statuses, all with the ErrorBody schema."""
+    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+class GeneratedImage(BaseModel):
+    """One image of a generation answer."""
+
+    image: str = Field(description="The image file (output_format), base64")
+    index: int
+    random_seed: int
+
+
+class GenerationResponse(BaseModel):
+    """The answer of POST /v1/image/generation: the reference's fields plus what ran where."""
+
+    images: list[GeneratedImage]
+    inference_time: float = Field(description="Seconds spent generating")
+    backends: dict[str, str] = Field(description="The backend that ran each network")
+    model_name: str
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    output_format: Literal["png", "jpeg", "webp"]

@@ -3,19 +3,83 @@
 An artifact is one folder `<root>/<model>/<component>/<resolution|any>-b<batch>-<target key>/` holding
 `manifest.json`, `model.onnx` (weights are graph inputs, not stored) and, for TVM, `lib.so`. The compiler
 writes it into a temporary sibling folder and renames it into place, so a folder with a manifest is complete.
+The manifest is one typed, validated object (`Manifest`): the compiler writes it, everyone else reads it,
+and a manifest that is not valid JSON or lacks a field is skipped with a warning naming the file and field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypedDict
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+class TensorSpec(TypedDict):
+    """One graph input or weight: its ONNX name, static shape and dtype."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class Manifest(BaseModel):
+    """What an artifact was built from and for, and the hashes of its files."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format_version: Literal[1]
+    sdaot_version: str
+    tvm_version: str
+    model: str
+    family: str
+    component: str
+    resolution: str
+    batch: int = Field(ge=1)
+    inputs: list[TensorSpec]
+    outputs: list[str]
+    weights: list[TensorSpec]
+    weights_signature: str
+    weight_source: str
+    target: dict[str, Any]
+    target_key: str
+    onnx_sha256: str
+    lib_sha256: str | None = Field(description="None for an ONNX-only folder (bench scratch), which has no lib.so")
+    tuned: bool = False
+    tuned_functions: int = 0
+    total_functions: int = 0
+    tuning: dict[str, Any] | None = None
+    tuning_database: str | None = None
+    conv_algorithm: str = "direct"
+    winograd_convolutions: int = 0
+    weight_transforms: str = "per-call"
+    build_seconds: float = 0.0
+    created: str
+
+    def write(self, folder: Path) -> None:
+        """Write manifest.json into the artifact folder."""
+        (folder / MANIFEST).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """Read and validate a folder's manifest.json; ValueError says which file and what is wrong."""
+        path = folder / MANIFEST
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors()[:3])
+            raise ValueError(f"{path}: {problems}") from exc
 
 
 def default_root() -> Path:
@@ -48,27 +112,27 @@ class Artifact:
     """One compiled component as found on disk."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def model(self) -> str:
-        return self.manifest["model"]
+        return self.manifest.model
 
     @property
     def component(self) -> str:
-        return self.manifest["component"]
+        return self.manifest.component
 
     @property
     def resolution(self) -> str:
-        return self.manifest["resolution"]
+        return self.manifest.resolution
 
     @property
     def batch(self) -> int:
-        return self.manifest["batch"]
+        return self.manifest.batch
 
     @property
     def target_key(self) -> str:
-        return self.manifest["target_key"]
+        return self.manifest.target_key
 
     def size_bytes(self) -> int:
         """Bytes on disk of every file of the artifact."""
@@ -77,26 +141,22 @@ class Artifact:
     def summary(self) -> dict[str, Any]:
         """The listing row of `sdaot artifacts`."""
         m = self.manifest
-        return {
-            "model": m["model"], "component": m["component"], "resolution": m["resolution"], "batch": m["batch"],
-            "target": m["target_key"], "tuned": m.get("tuned", False), "size_bytes": self.size_bytes(),
-            "path": str(self.path),
-        }
+        return {"model": m.model, "component": m.component, "resolution": m.resolution, "batch": m.batch,
+                "target": m.target_key, "tuned": m.tuned, "size_bytes": self.size_bytes(), "path": str(self.path)}
 
 
 def list_artifacts(root: Path | None = None) -> list[Artifact]:
-    """Every complete artifact under root (folders being written have no manifest yet and are skipped)."""
+    """Every complete artifact under root (folders being written have no manifest yet and are skipped; so
+    are unreadable or invalid manifests, each with a warning)."""
     root = root or default_root()
     found = []
-    for manifest in sorted(root.glob(f"*/*/*/{MANIFEST}")):
-        if manifest.parent.name.startswith("."):
+    for path in sorted(root.glob(f"*/*/*/{MANIFEST}")):
+        if path.parent.name.startswith("."):
             continue
         try:
-            data = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("format_version") == FORMAT_VERSION:
-            found.append(Artifact(manifest.parent, data))
+            found.append(Artifact(path.parent, Manifest.read(path.parent)))
+        except (OSError, ValueError) as exc:
+            log.warning("skipping artifact %s: %s", path.parent, exc)
     return found
 
 

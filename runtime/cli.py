@@ -14,6 +14,8 @@ from .registry import all_models
 from .threads import use_all_cores
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+CONTROLNET_DIR_HELP = ("Folder of ControlNet downloads, DIR/<name>/ each (default: SDAOT_CONTROLNET_DIR); "
+                       "needed with real model weights only.")
 
 
 class SdaotGroup(click.Group):
@@ -139,10 +141,11 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--lora", "lora_specs", multiple=True, help="NAME=WEIGHT, repeatable (LoRA files in --lora-dir).")
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
+@click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None, help=CONTROLNET_DIR_HELP)
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
              artifacts_root: Path | None, lora_specs: tuple[str, ...], lora_dir: Path | None,
-             controlnet_image_path: str | None, **params) -> None:
+             controlnet_dir: Path | None, controlnet_image_path: str | None, **params) -> None:
     """Generate images from a prompt (txt2img, or img2img with --image)."""
     from tqdm import tqdm
 
@@ -160,7 +163,7 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     req = parse_request(data)
     paths = _output_paths(output, req.num_images)
     pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights,
-                         artifacts_root=artifacts_root, lora_folder=lora_dir)
+                         artifacts_root=artifacts_root, lora_folder=lora_dir, controlnet_folder=controlnet_dir)
     pipe.plan(req)
     with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
@@ -365,7 +368,8 @@ def _is_loopback(host: str) -> bool:
               help="Comma-separated model names to load.")
 @click.option("--artifacts", "artifacts_root", type=click.Path(path_type=Path), default=None,
               help="Compiled artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Concurrent generations.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Concurrent generations, at most one per model (a model's weights hold one LoRA set at a time).")
 @click.option("--queue-size", type=int, default=4, show_default=True, help="Requests waiting beyond the workers.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Seconds before a request answers 504 and its work is cancelled.")
@@ -374,9 +378,10 @@ def _is_loopback(host: str) -> bool:
 @click.option("--insecure-no-auth", is_flag=True, help="Allow serving a non-loopback address without API keys.")
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
+@click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None, help=CONTROLNET_DIR_HELP)
 def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
           queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool,
-          lora_dir: Path | None) -> None:
+          lora_dir: Path | None, controlnet_dir: Path | None) -> None:
     """Serve POST /v1/image/generation (the reference API) plus /v1/models, /healthz, /readyz, /metrics."""
     import logging
 
@@ -400,7 +405,8 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
         raise InvalidRequestError("workers must be >= 1 and queue-size >= 0", param="workers")
     names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
     config = ServerConfig(models=names, weights=weights, artifacts_root=artifacts_root, api_keys=keys,
-                          workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir)
+                          workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir,
+                          controlnet_folder=controlnet_dir)
     uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 

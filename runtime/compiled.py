@@ -31,25 +31,29 @@ def aligned_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
     return out
 
 
-def check_artifact(artifact: Artifact, module: nn.Module, target_key: str, runs_here: bool = False) -> None:
-    """Refuse an artifact built for another TVM version, for a target this device cannot run (`runs_here`
-    says an instruction-set subset of this CPU's is fine), for another architecture, or altered."""
-    import tvm
-
+def check_artifact(artifact: Artifact, module: nn.Module, kind: str, target_key: str, runs_here: bool = False) -> None:
+    """Refuse an artifact for the `kind` of backend (tvm or onnxruntime) that would run it when it was built
+    for another architecture or altered, and for tvm also when built with another TVM version or for a
+    target this device cannot run (`runs_here` says an instruction-set subset of this CPU's is fine).
+    Each backend checks only the file it runs: tvm lib.so, onnxruntime model.onnx."""
     m = artifact.manifest
     problems = []
-    if m["tvm_version"] != tvm.__version__:
-        problems.append(f"built with TVM {m['tvm_version']}, running {tvm.__version__}")
-    if m["target_key"] != target_key and not runs_here:
-        problems.append(f"built for {m['target_key']}, this device is {target_key}")
+    if kind == "tvm":
+        import tvm
+
+        if m.tvm_version != tvm.__version__:
+            problems.append(f"built with TVM {m.tvm_version}, running {tvm.__version__}")
+        if m.target_key != target_key and not runs_here:
+            problems.append(f"built for {m.target_key}, this device is {target_key}")
     params = dict(module.named_parameters())
     actual = [{"name": w["name"], "shape": list(params[w["name"]].shape), "dtype": str(params[w["name"]].dtype)[6:]}
-              for w in m["weights"] if w["name"] in params]
-    if len(actual) != len(m["weights"]) or weights_signature(actual) != m["weights_signature"]:
+              for w in m.weights if w["name"] in params]
+    if len(actual) != len(m.weights) or weights_signature(actual) != m.weights_signature:
         problems.append("its weight shapes do not match the loaded model's (another architecture or size)")
-    lib = artifact.path / "lib.so"
-    if not lib.is_file() or file_sha256(lib) != m["lib_sha256"]:
-        problems.append("lib.so is missing, truncated or altered")
+    checked, expected = ("lib.so", m.lib_sha256) if kind == "tvm" else ("model.onnx", m.onnx_sha256)
+    path = artifact.path / checked
+    if not path.is_file() or file_sha256(path) != expected:
+        problems.append(f"{checked} is missing, truncated or altered")
     if problems:
         raise BackendUnavailableError(f"artifact {artifact.path} cannot be used: {'; '.join(problems)}",
                                       param="backend")
@@ -68,7 +72,7 @@ class _Chunked:
         self.name, self.batch, self.artifact = name, artifact.batch, artifact
         self.input_names = tuple(module.input_names)
         self.output_names = tuple(module.output_names)
-        self.weight_names = [w["name"] for w in artifact.manifest["weights"]]
+        self.weight_names = [w["name"] for w in artifact.manifest.weights]
         self.weight_tensors = aligned_weights(module, self.weight_names)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -180,7 +184,7 @@ class OnnxRuntimeComponent(_Chunked):
             raise BackendUnavailableError(f"cannot load {artifact.path / 'model.onnx'}: {exc}",
                                           param="backend") from exc
         self._weights = {n: w.numpy() for n, w in zip(self.weight_names, self.weight_tensors, strict=True)}
-        self._inputs = [i["name"] for i in artifact.manifest["inputs"]]
+        self._inputs = [i["name"] for i in artifact.manifest.inputs]
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         feed: dict[str, Any] = dict(self._weights)

@@ -25,7 +25,7 @@ def quiet_libraries() -> None:
 
 def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = False,
                   refiner_weights: str | None = None, artifacts_root: Path | None = None,
-                  lora_folder: Path | None = None) -> Pipeline:
+                  lora_folder: Path | None = None, controlnet_folder: Path | None = None) -> Pipeline:
     """Load a model's networks from `weights` and wrap them in a Pipeline (plus the SDXL refiner if asked)."""
     quiet_libraries()
     spec = get_model(model_name)
@@ -36,7 +36,7 @@ def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = F
         refiner = Pipeline(load_weights(refiner_spec, refiner_source), artifacts_root=artifacts_root)
     log.info("loading %s from %s weights", spec.name, weights)
     return Pipeline(load_weights(spec, weights), refiner=refiner, artifacts_root=artifacts_root,
-                    lora_folder=lora_dir(lora_folder))
+                    lora_folder=lora_dir(lora_folder), controlnet_folder=controlnet_folder)
 
 
 def _shared_source(weights: str, flag: str) -> str:

@@ -8,9 +8,10 @@ every backend with no rebuild and no second copy of the model; only the touched 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from .errors import InvalidRequestError
 from .weights import ModelBundle
 
 MAX_WEIGHT = 4.0
+
+log = logging.getLogger(__name__)
 
 
 def lora_dir(explicit: Path | None = None) -> Path | None:
@@ -48,9 +51,37 @@ class LoraDelta:
         """The full-rank update B @ A * alpha/rank in the weight's shape (linear or conv)."""
         return (self.up.flatten(1).float() @ self.down.flatten(1).float()).reshape(shape) * self.scale
 
+    def fits(self, shape: torch.Size) -> bool:
+        """Whether B @ A has the weight's output rows and as many inputs per row."""
+        up, down = self.up.flatten(1), self.down.flatten(1)
+        return (len(shape) >= 2 and up.shape[0] == shape[0] and up.shape[1] == down.shape[0]
+                and down.shape[1] * shape[0] == torch.Size(shape).numel())
 
-def read_lora(path: Path, is_sdxl: bool) -> dict[str, LoraDelta]:
-    """Read a LoRA file into updates keyed by '<network>.<parameter name>' (e.g. 'unet.conv_in.weight')."""
+    def describe(self) -> str:
+        """The update's shape, outputs x inputs."""
+        return f"{self.up.shape[0]}x{self.down.flatten(1).shape[1]}"
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file read and matched against one model: the updates to merge, and what matched nothing."""
+
+    deltas: dict[str, LoraDelta]
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def tensors_matched(self) -> int:
+        """Tensors of the file merged into the model: a down and an up half per update."""
+        return 2 * len(self.deltas)
+
+    def describe(self, name: str) -> dict:
+        """The /v1/models listing entry."""
+        return {"name": name, "tensors_matched": self.tensors_matched, "tensors_unmatched": len(self.unmatched)}
+
+
+def read_lora(path: Path, is_sdxl: bool) -> tuple[dict[str, LoraDelta], list[str]]:
+    """Read a LoRA file into updates keyed by '<network>.<parameter name>' (e.g. 'unet.conv_in.weight'),
+    and the file's keys that make no update (neither half of a down/up pair)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
@@ -66,23 +97,22 @@ def read_lora(path: Path, is_sdxl: bool) -> dict[str, LoraDelta]:
         unet = {k: v for k, v in keys.items() if k.startswith("unet.")}
         text = {k: v for k, v in keys.items() if not k.startswith("unet.")}
         out = convert_unet_state_dict_to_peft(unet) if unet else {}
-        if any("_lora." in k for k in text):
+        if any("_lora." in k or ".lora_linear_layer." in k for k in text):
             text = convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS_OLD)
         return out | text
 
     tensors = to_peft(state)
     alpha_of = {next(iter(to_peft({k.removesuffix(".alpha"): torch.zeros(1)}))): v for k, v in alphas.items()}
-    deltas = {}
+    deltas, paired = {}, set()
     for key, down in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if up is None:
+        up_key = key.replace(".lora_A.", ".lora_B.")
+        if ".lora_A." not in key or up_key not in tensors:
             continue
         rank = down.shape[0]
         alpha = float(alpha_of.get(key, rank))
-        deltas[key.replace(".lora_A.weight", ".weight")] = LoraDelta(down, up, alpha / rank)
-    return deltas
+        deltas[key.replace(".lora_A.weight", ".weight")] = LoraDelta(down, tensors[up_key], alpha / rank)
+        paired.update((key, up_key))
+    return deltas, [k for k in tensors if k not in paired]
 
 
 class LoraMerger:
@@ -96,7 +126,7 @@ class LoraMerger:
                         for name, p in module.named_parameters()}
         self._backup: dict[str, torch.Tensor] = {}
         self._current: dict[str, float] = {}
-        self._files: dict[str, dict[str, LoraDelta]] = {}
+        self._files: dict[str, LoraFile] = {}
 
     def names(self) -> list[str]:
         """LoRA names this model can use."""
@@ -116,30 +146,75 @@ class LoraMerger:
             checked[known[name.lower()]] = float(weight)
         return checked
 
-    def _deltas(self, name: str) -> dict[str, LoraDelta]:
-        if name not in self._files:
-            deltas = read_lora(available_loras(self.folder)[name], self.bundle.spec.is_sdxl)
-            matched = {k: d for k, d in deltas.items() if k in self._params and self._params[k].ndim >= 2}
-            if not matched:
+    def describe(self) -> list[dict]:
+        """Every LoRA file with how many of its updates match this model's weights (read once per file);
+        a file that cannot be used says why."""
+        rows = []
+        for name in self.names():
+            try:
+                rows.append(self._read(name).describe(name))
+            except InvalidRequestError as exc:
+                rows.append({"name": name, "error": exc.message})
+        return rows
+
+    def _read(self, name: str) -> LoraFile:
+        """The file's updates, every one checked against the weight it changes, before anything is merged."""
+        if name in self._files:
+            return self._files[name]
+        deltas, unpaired = read_lora(available_loras(self.folder)[name], self.bundle.spec.is_sdxl)
+        model = self.bundle.spec.name
+        weight_of = {k: self._weight_key(k) for k in deltas}
+        matched = {weight_of[k]: d for k, d in deltas.items() if weight_of[k] is not None}
+        file = LoraFile(matched, unpaired + [k.replace(".weight", f".lora_{half}.weight") for k in deltas
+                                             if weight_of[k] is None for half in "AB"])
+        log.debug("LoRA %s on %s: %d tensors match, %d match nothing%s", name, model, file.tensors_matched,
+                  len(file.unmatched), f" (first: {file.unmatched[0]})" if file.unmatched else "")
+        if not matched:
+            raise InvalidRequestError(f"LoRA {name!r} matches no weight of {model} (another architecture?)",
+                                      param="loras")
+        if len(file.unmatched) > file.tensors_matched:
+            raise InvalidRequestError(
+                f"LoRA {name!r}: {len(file.unmatched)} of its tensors match no weight of {model} and only "
+                f"{file.tensors_matched} do (first unmatched: {file.unmatched[0]}); is it for another "
+                f"architecture?", param="loras")
+        for key, delta in matched.items():
+            shape = self._params[key].shape
+            if not delta.fits(shape):
                 raise InvalidRequestError(
-                    f"LoRA {name!r} matches no weight of {self.bundle.spec.name} (another architecture?)",
-                    param="loras")
-            self._files[name] = matched
-        return self._files[name]
+                    f"LoRA {name!r}: the update of {key} is {delta.describe()} but {model}'s weight is "
+                    f"{'x'.join(map(str, shape))} (a LoRA for another architecture?)", param="loras")
+        self._files[name] = file
+        return file
+
+    def _weight_key(self, key: str) -> str | None:
+        """The model parameter an update key names, or None. LoRA files name text-encoder weights as
+        transformers 4 did (`text_encoder.text_model.encoder...`); transformers 5's CLIPTextModel has no
+        `text_model` level."""
+        for candidate in (key, key.replace(".text_model.", ".", 1)):
+            if candidate in self._params and self._params[candidate].ndim >= 2:
+                return candidate
+        return None
 
     def apply(self, loras: dict[str, float]) -> None:
-        """Make the weights equal base + Σ weight·ΔW of `loras` (already validated); a no-op if unchanged."""
+        """Make the weights equal base + Σ weight·ΔW of `loras` (already validated); a no-op if unchanged.
+
+        All or nothing: every file is read and every update's shape checked before the first write, and a
+        merge that fails anyway leaves the base weights restored."""
         if loras == self._current:
             return
-        wanted = {name: self._deltas(name) for name in loras}
+        wanted = {name: self._read(name).deltas for name in loras}
         self.restore()
-        with torch.no_grad():
-            for name, deltas in wanted.items():
-                for key, delta in deltas.items():
-                    param = self._params[key]
-                    if key not in self._backup:
-                        self._backup[key] = param.detach().clone()
-                    param.add_(delta.delta(param.shape).to(param.dtype), alpha=loras[name])
+        try:
+            with torch.no_grad():
+                for name, deltas in wanted.items():
+                    for key, delta in deltas.items():
+                        param = self._params[key]
+                        if key not in self._backup:
+                            self._backup[key] = param.detach().clone()
+                        param.add_(delta.delta(param.shape).to(param.dtype), alpha=loras[name])
+        except BaseException:
+            self.restore()
+            raise
         self._current = dict(loras)
 
     def restore(self) -> None:

@@ -75,8 +75,10 @@ class Pipeline:
     """Generates images for one model; the refiner pipeline, when given, serves `enable_refiner`."""
 
     def __init__(self, bundle: ModelBundle, refiner: Pipeline | None = None,
-                 artifacts_root: Path | None = None, lora_folder: Path | None = None) -> None:
+                 artifacts_root: Path | None = None, lora_folder: Path | None = None,
+                 controlnet_folder: Path | None = None) -> None:
         self.bundle = bundle
+        self.controlnet_folder = controlnet_folder
         self.spec: ModelSpec = bundle.spec
         self.refiner = refiner
         self.torch_components = {n: TorchComponent(n, m) for n, m in component_modules(bundle).items()}
@@ -157,7 +159,7 @@ class Pipeline:
     def controlnet_components(self, name: str) -> dict[str, TorchComponent]:
         """Torch components of ControlNet `name` and of the UNet taking its residuals (loaded on first use)."""
         if name not in self._controlnets:
-            modules = controlnet_modules(self.bundle, load_controlnet(self.bundle, name))
+            modules = controlnet_modules(self.bundle, load_controlnet(self.bundle, name, self.controlnet_folder))
             self._controlnets[name] = {n: TorchComponent(n, m) for n, m in modules.items()}
         return self._controlnets[name]
 

@@ -86,9 +86,9 @@ class ComponentSelector:
         return chosen
 
     def _load(self, kind: str, name: str, artifact: Artifact, module) -> Component:
-        key = (kind, str(artifact.path), artifact.manifest["created"], id(module))
+        key = (kind, str(artifact.path), artifact.manifest.created, id(module))
         if key not in self._loaded:
-            check_artifact(artifact, module, host_target_key() or "", runs_here(artifact))
+            check_artifact(artifact, module, kind, host_target_key() or "", runs_here(artifact))
             self._loaded[key] = COMPILED[kind](name, artifact, module)
             log.info("loaded %s %s from %s", kind, name, artifact.path)
         return self._loaded[key]
@@ -100,7 +100,7 @@ def runs_here(artifact: Artifact) -> bool:
         from .targets import runs_on_this_cpu
     except ImportError:
         return False
-    return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest["target"], sort_keys=True))
+    return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest.target, sort_keys=True))
 
 
 def _best(found: list[Artifact], component: str, resolution: str, total: int) -> Artifact | None:

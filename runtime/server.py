@@ -7,18 +7,20 @@ import hmac
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api_schema import ApiGenerationRequest
+from .admission import Admission
+from .api_schema import ApiGenerationRequest, GenerationResponse, error_responses
+from .body_limit import BodyLimit
 from .errors import SdaotError
 from .images import decode_image, encode_image
 from .pipeline import Pipeline
@@ -42,6 +44,7 @@ class ServerConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 2048 * 2048
     lora_folder: Path | None = None
+    controlnet_folder: Path | None = None
 
 
 class Cancelled(Exception):
@@ -66,8 +69,6 @@ class Server:
         self.pipelines: dict[str, Pipeline] = {}
         self.ready = threading.Event()
         self.load_error: str | None = None
-        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="sdaot-worker")
-        self.admitted = 0
         self.registry = CollectorRegistry()
         self.requests = Counter("sdaot_requests", "HTTP requests by status", ["status"], registry=self.registry)
         self.latency = Histogram("sdaot_request_seconds", "Generation request latency", registry=self.registry,
@@ -75,6 +76,7 @@ class Server:
         self.queue_depth = Gauge("sdaot_queue_depth", "Requests admitted and not finished", registry=self.registry)
         self.step_time = Histogram("sdaot_step_seconds", "Sampler step time by UNet backend", ["backend"],
                                    registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30))
+        self.admission = Admission(config.workers, config.queue_size, on_change=self.queue_depth.set)
 
     def load(self) -> None:
         """Load every configured model (with the refiner where one exists for SDXL and the source allows)."""
@@ -86,10 +88,15 @@ class Server:
                 refiner = spec.refiner is not None and self.config.weights in ("tiny", "random")
                 self.pipelines[spec.name] = load_pipeline(spec.name, self.config.weights, with_refiner=refiner,
                                                           artifacts_root=self.config.artifacts_root,
-                                                          lora_folder=self.config.lora_folder)
+                                                          lora_folder=self.config.lora_folder,
+                                                          controlnet_folder=self.config.controlnet_folder)
                 compiled = self.pipelines[spec.name].selector.compiled_resolutions()
                 log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
                          ", ".join(compiled) or "none compiled")
+            if self.config.workers > len(self.pipelines):
+                log.warning("--workers %d with %d model(s): generations of one model run one at a time (its "
+                            "weights hold one LoRA set), so at most %d run at once", self.config.workers,
+                            len(self.pipelines), len(self.pipelines))
             self.ready.set()
         except Exception as exc:  # any load failure must surface as 503 + message, not a silent thread death
             self.load_error = f"cannot load models: {exc}"
@@ -140,14 +147,11 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.on_event("shutdown")
     async def _stop() -> None:
-        server.pool.shutdown(wait=True, cancel_futures=True)
+        server.admission.shutdown()
 
     @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_body_bytes:
-            response = error_body(413, f"request body is over {config.max_body_bytes} bytes", None)
-        elif request.url.path.startswith("/v1/") and not server.authorized(request):
+    async def auth(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and not server.authorized(request):
             response = error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization")
         else:
             response = await call_next(request)
@@ -166,7 +170,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_body(exc.status_code, str(exc.detail), None)
+        response = error_body(exc.status_code, str(exc.detail), None)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(SdaotError)
     async def _sdaot(request: Request, exc: SdaotError):
@@ -182,21 +188,24 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         """Alive (the process answers)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=error_responses(503))
     async def readyz():
         """Ready once every configured model is loaded."""
         if server.ready.is_set():
             return {"status": "ready", "models": list(server.pipelines)}
         return error_body(503, server.load_error or "models are still loading", None)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics() -> Response:
         """Prometheus metrics."""
         return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        """Served models with family, weight source and compiled resolutions per backend."""
+    @app.get("/v1/models", responses=error_responses(401))
+    def models() -> dict:
+        """Served models with family, weight source, compiled resolutions per backend and LoRA files (how many
+        of each file's tensors match the model). Generations of one model run one at a time."""
         from .controlnet import controlnet_registry
 
         controlnets = [{"name": n, "preprocessor": c["preprocessor"]} for n, c in controlnet_registry().items()]
@@ -208,10 +217,12 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                          "default_tvm_resolutions": list(pipe.spec.tvm_resolutions),
                          "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"},
                          "loras": pipe.loras.names(),
+                         "lora_files": pipe.loras.describe(),
+                         "max_concurrent_generations": 1,
                          "controlnets": controlnets if pipe.spec.default_controlnet else []})
         return {"object": "list", "data": rows}
 
-    @app.get("/v1/samplers")
+    @app.get("/v1/samplers", responses=error_responses(401))
     async def samplers() -> dict:
         """Sampler names accepted in `sampler`, with the diffusers scheduler and options each one uses."""
         from .samplers import SAMPLERS
@@ -219,15 +230,16 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         return {"object": "list", "data": [{"name": s.name, "scheduler": s.scheduler, "options": s.options}
                                            for s in SAMPLERS.values()]}
 
-    @app.get("/v1/style-presets")
+    @app.get("/v1/style-presets", responses=error_responses(401))
     async def style_presets() -> dict:
         """Style preset names accepted in `style_preset`, with their templates."""
         from .presets import presets
 
         return {"object": "list", "data": [{"name": name, **template} for name, template in presets().items()]}
 
-    @app.post("/v1/image/generation")
-    async def generation(body: ApiGenerationRequest, request: Request):
+    @app.post("/v1/image/generation", response_model=GenerationResponse,
+              responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504))
+    async def generation(body: ApiGenerationRequest, request: Request) -> Any:
         """Generate images: the reference API's request and response."""
         if not server.ready.is_set():
             return error_body(503, server.load_error or "models are still loading", None)
@@ -241,35 +253,25 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             for side in ("height", "width"):
                 if side not in body.model_fields_set:
                     fields.pop(side)
-        for key in ("image", "controlnet_image"):
-            if key in fields:
-                fields[key] = decode_image(fields[key], key, config.max_pixels)
-        req = parse_request(fields)
-        pipe.plan(req)
-        if server.admitted >= config.workers + config.queue_size:
+        req = await run_in_threadpool(_prepare, pipe, fields, config.max_pixels)
+        cancel = threading.Event()
+        submitted = server.admission.submit(server.run, pipe, req, cancel)
+        if submitted is None:
             response = error_body(429, "the server is busy: queue is full, retry later", None)
             response.headers["Retry-After"] = "5"
             return response
-        server.admitted += 1
-        server.queue_depth.set(server.admitted)
-        cancel = threading.Event()
         start = time.perf_counter()
+        future = asyncio.wrap_future(submitted)
+        watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
         try:
-            future = asyncio.wrap_future(server.pool.submit(server.run, pipe, req, cancel))
-            watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
-            try:
-                result = await asyncio.wait_for(future, timeout=config.timeout_s)
-            except asyncio.TimeoutError:
-                cancel.set()
-                return error_body(504, f"generation took longer than {config.timeout_s:.0f} s and was cancelled",
-                                  None)
-            except Cancelled:
-                return error_body(499 if await request.is_disconnected() else 504, "generation cancelled", None)
-            finally:
-                watcher.cancel()
+            result = await asyncio.wait_for(future, timeout=config.timeout_s)
+        except asyncio.TimeoutError:
+            cancel.set()
+            return error_body(504, f"generation took longer than {config.timeout_s:.0f} s and was cancelled", None)
+        except Cancelled:
+            return error_body(499 if await request.is_disconnected() else 504, "generation cancelled", None)
         finally:
-            server.admitted -= 1
-            server.queue_depth.set(server.admitted)
+            watcher.cancel()
         server.latency.observe(time.perf_counter() - start)
         images = [{"image": encode_image(img, body.output_format), "index": i, "random_seed": seed}
                   for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True))]
@@ -278,7 +280,20 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                 "steps": result.plan.steps, "sampler": result.plan.sampler.name,
                 "output_format": body.output_format}
 
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, too_large=lambda limit: error_body(
+        413, f"request body is over {limit} bytes", None))
     return app
+
+
+def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Any:
+    """Decode the images, validate and plan the request: CPU work kept off the event loop (a 2048x2048
+    PNG takes a while to decode), so other clients are answered meanwhile."""
+    for key in ("image", "controlnet_image"):
+        if key in fields:
+            fields[key] = decode_image(fields[key], key, max_pixels)
+    req = parse_request(fields)
+    pipe.plan(req)
+    return req
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:

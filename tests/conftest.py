@@ -112,6 +112,27 @@ def make_loras(folder):
     foreign = {"unet.no_such_block.to_q.lora_A.weight": torch.randn(4, 8),
                "unet.no_such_block.to_q.lora_B.weight": torch.randn(8, 4)}
     save_file(foreign, str(folder / "Foreign.safetensors"))
+    # An SD2-sized update on to_k (1024 context features, not 32) after one that fits: nothing may be merged.
+    other_width = {f"unet.{ATTN}.attn1.to_q.lora_A.weight": torch.randn(4, 32, generator=gen),
+                   f"unet.{ATTN}.attn1.to_q.lora_B.weight": torch.randn(32, 4, generator=gen),
+                   f"unet.{ATTN}.attn2.to_k.lora_A.weight": torch.randn(4, 1024, generator=gen),
+                   f"unet.{ATTN}.attn2.to_k.lora_B.weight": torch.randn(32, 4, generator=gen)}
+    save_file(other_width, str(folder / "Sd2_Width.safetensors"))
+    # kohya, the text encoder part touching only its MLP (converted by diffusers to another key style).
+    mlp = {}
+    for module, shape in (("lora_te_text_model_encoder_layers_0_mlp_fc1", (37, 32)),
+                          (f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q", (32, 32))):
+        mlp[f"{module}.lora_down.weight"] = torch.randn(4, shape[1], generator=gen)
+        mlp[f"{module}.lora_up.weight"] = torch.randn(shape[0], 4, generator=gen)
+        mlp[f"{module}.alpha"] = torch.tensor(4.0)
+    save_file(mlp, str(folder / "Text_Mlp.safetensors"))
+    # One update that fits and three for blocks this model does not have.
+    mostly = {f"unet.{ATTN}.attn2.to_v.lora_A.weight": torch.randn(4, 32, generator=gen),
+              f"unet.{ATTN}.attn2.to_v.lora_B.weight": torch.randn(32, 4, generator=gen)}
+    for block in ("mid_block.no_such_1", "mid_block.no_such_2", "mid_block.no_such_3"):
+        mostly |= {f"unet.{block}.to_q.lora_A.weight": torch.randn(4, 8, generator=gen),
+                   f"unet.{block}.to_q.lora_B.weight": torch.randn(8, 4, generator=gen)}
+    save_file(mostly, str(folder / "Mostly_Foreign.safetensors"))
     return folder
 
 

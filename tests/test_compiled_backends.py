@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import AVX2_TARGET, FAMILIES, psnr
 from PIL import Image
 
-from sdaot.runtime.artifacts import list_artifacts
+from sdaot.runtime.artifacts import MANIFEST, file_sha256, list_artifacts
 from sdaot.runtime.cli import main
 from sdaot.runtime.errors import BackendUnavailableError
 from sdaot.runtime.loader import load_pipeline
@@ -28,12 +28,13 @@ def test_artifacts_are_listed_with_manifest_fields(compiled_root):
     assert all(r["resolution"] == "any" for r in encoders), "text encoders are built once, not per resolution"
     unet = next(a for a in list_artifacts(compiled_root) if a.component == "unet" and a.model == "SD1.5")
     manifest = unet.manifest
-    assert manifest["batch"] == 2 and manifest["tuned"] is False
-    assert {i["name"] for i in manifest["inputs"]} == {"sample", "timestep", "encoder_hidden_states"}
-    assert manifest["inputs"][0]["shape"] == [2, 4, 8, 8]
-    assert manifest["weights"] and all(w["name"].startswith("unet.") for w in manifest["weights"])
-    for key in ("tvm_version", "sdaot_version", "target", "onnx_sha256", "build_seconds", "family"):
-        assert key in manifest
+    assert manifest.batch == 2 and manifest.tuned is False
+    assert {i["name"] for i in manifest.inputs} == {"sample", "timestep", "encoder_hidden_states"}
+    assert manifest.inputs[0]["shape"] == [2, 4, 8, 8]
+    assert manifest.weights and all(w["name"].startswith("unet.") for w in manifest.weights)
+    assert manifest.onnx_sha256 == file_sha256(unet.path / "model.onnx")
+    assert manifest.lib_sha256 == file_sha256(unet.path / "lib.so")
+    assert manifest.tvm_version and manifest.sdaot_version and manifest.family == "sd1" and manifest.target
     assert (unet.path / "model.onnx").stat().st_size < 1_000_000, "weights must not be baked into the graph"
 
 
@@ -115,22 +116,86 @@ def test_truncated_library_is_reported_and_auto_falls_back(compiled_root, tmp_pa
     assert any("falling back to torch" in r.message for r in caplog.records)
 
 
-def test_killed_compile_leaves_nothing_loadable(tmp_path):
+def test_bad_manifests_are_skipped_with_a_warning_and_auto_falls_back(compiled_root, tmp_path, caplog):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(compiled_root / "SD1.5", root / "SD1.5")
+    unet = next(root.glob(f"SD1.5/unet/*/{MANIFEST}"))
+    unet.write_text(unet.read_text().replace('"weights_signature"', '"weights_signature_renamed"'))
+    decoder = next(root.glob(f"SD1.5/vae_decoder/*/{MANIFEST}"))
+    decoder.write_text(decoder.read_text()[:-20])
+    assert {a.component for a in list_artifacts(root)} == {"text_encoder", "vae_encoder"}
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert any("weights_signature: Field required" in w and "unet" in w for w in warnings), warnings
+    assert any("Invalid JSON" in w and "vae_decoder" in w for w in warnings), warnings
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=root)
+    result = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2)))
+    assert result.backends == {"text_encoder": "tvm", "unet": "torch", "vae_decoder": "torch"}
+
+
+def test_each_compiled_backend_checks_the_file_it_runs(compiled_root, tmp_path):
+    """onnxruntime runs model.onnx: a bad lib.so does not concern it, an altered model.onnx does."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(compiled_root / "SD1.5", root / "SD1.5")
+    lib = next(root.glob("SD1.5/unet/*/lib.so"))
+    lib.write_bytes(b"not a library")
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=root)
+    req = dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2)
+    assert pipe.generate(parse_request(req | {"backend": "onnxruntime"})).backends["unet"] == "onnxruntime"
+    graph = next(root.glob("SD1.5/vae_decoder/*/model.onnx"))
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    pipe = load_pipeline("SD1.5", "tiny", artifacts_root=root)
+    with pytest.raises(BackendUnavailableError, match="model.onnx is missing, truncated or altered"):
+        pipe.generate(parse_request(req | {"backend": "onnxruntime"}))
+
+
+def test_killed_compiles_leave_nothing_half_written_and_a_live_compile_is_never_cleaned_away(tmp_path):
+    """SIGKILL while a library is being built, then after the first artifact landed; a cleanup run meanwhile
+    (what a second compile into the same root does first) must spare the live compile's folder."""
+    from sdaot.compiler.compile import remove_stale_temporaries
+
     root = tmp_path / "art"
     cmd = [sys.executable, "-m", "sdaot.runtime.cli", "compile", "--model", "SD1.5", "--resolution", "64x64",
-           "--components", "unet", "--out", str(root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(root.glob("*/*/.tmp-*/model.onnx")):
-        time.sleep(0.2)
-    assert list(root.glob("*/*/.tmp-*/model.onnx")), "compile never started writing"
-    proc.kill()
-    proc.wait()
+           "--components", "unet,vae_decoder", "--out", str(root)]
+
+    def run_until(condition) -> None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not condition():
+            time.sleep(0.1)
+        assert proc.poll() is None and condition(), "the compile ended before the kill point"
+        if condition is writing:
+            leftover = next(root.glob("*/*/.tmp-*")).parent / f".tmp-{2**22 + 1}-0badc0de"  # above any pid
+            leftover.mkdir()
+            assert remove_stale_temporaries(root) == 1 and not leftover.exists()
+            assert writing(), "the cleanup removed the folder of a compile that is still running"
+        proc.kill()
+        proc.wait()
+        for artifact in list_artifacts(root):
+            assert file_sha256(artifact.path / "lib.so") == artifact.manifest.lib_sha256
+
+    def writing() -> bool:
+        return bool(list(root.glob("*/*/.tmp-*/model.onnx")))
+
+    def first_landed() -> bool:
+        return bool(list(root.glob(f"*/*/*-b*/{MANIFEST}")))
+
+    run_until(writing)
     assert list_artifacts(root) == []
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=root)
     with pytest.raises(BackendUnavailableError):
         pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2,
                                          backend="tvm")))
+    run_until(first_landed)
+    assert len(list_artifacts(root)) == 1
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "removed temporary folders left by an interrupted compile" in done.stdout
+    assert sorted(a.component for a in list_artifacts(root)) == ["unet", "vae_decoder"]
+    assert not list(root.glob("*/*/.tmp-*")) and not list(root.glob("*/*/.old-*"))
 
 
 def test_runtime_imports_without_compiler_or_onnx():
@@ -146,7 +211,7 @@ def test_cuda_target_builds_without_a_gpu_and_cpu_runs_ignore_it(tmp_path):
                                        "cuda", "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (artifact,) = list_artifacts(tmp_path)
-    assert artifact.target_key == "cuda-sm_90" and artifact.manifest["target"]["kind"] == "cuda"
+    assert artifact.target_key == "cuda-sm_90" and artifact.manifest.target["kind"] == "cuda"
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
     used = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=1))).backends
     assert used["text_encoder"] == "torch"

@@ -120,3 +120,26 @@ def test_cli_controlnet_flags(tmp_path):
     assert ok.exit_code == 0 and "controlnet=torch" in ok.output
     bad = CliRunner().invoke(main, [*base, "--controlnet-name", "sketchy"])
     assert bad.exit_code == 2 and "error: controlnet_name: unknown controlnet_name" in bad.output
+
+
+def test_cli_controlnet_dir_serves_real_weight_folders(tmp_path):
+    """With weights from a diffusers folder, ControlNets come from --controlnet-dir; without it, a clear error."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from sdaot.runtime.registry import get_model, read_data
+    from sdaot.runtime.weights import tiny_folder
+
+    model_folder = tiny_folder(get_model("SD1.5-ControlNet"))
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(str(model_folder / "unet")),
+                                           conditioning_embedding_out_channels=tuple(
+        read_data("controlnets.json")["conditioning_embedding_out_channels"]["tiny"]))
+    controlnet.save_pretrained(tmp_path / "controlnets" / "canny")
+    CONTROL.save(tmp_path / "control.png")
+    base = ["generate", "--model", "SD1.5-ControlNet", "--weights", str(model_folder), "--prompt", "x",
+            "--height", "64", "--width", "64", "--steps", "2", "-o", str(tmp_path / "o.png"),
+            "--controlnet-image", str(tmp_path / "control.png")]
+    missing = CliRunner().invoke(main, base)
+    assert missing.exit_code != 0 and "--controlnet-dir" in missing.output
+    ok = CliRunner().invoke(main, [*base, "--controlnet-dir", str(tmp_path / "controlnets")])
+    assert ok.exit_code == 0, ok.output
+    assert Image.open(tmp_path / "o.png").size == (64, 64)

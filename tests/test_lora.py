@@ -58,9 +58,12 @@ def test_weights_are_restored_bit_for_bit(lora_folder):
 
 @pytest.mark.parametrize(
     ("loras", "match"),
-    [({"Nope": 0.5}, "unknown LoRA 'Nope'; available: Foreign, Logo, Pixel_Art"),
+    [({"Nope": 0.5}, "unknown LoRA 'Nope'; available: Foreign, Logo, Mostly_Foreign, Pixel_Art, Sd2_Width, "
+                      "Text_Mlp"),
      ({"Pixel_Art": 4.5}, "outside"),
-     ({"Foreign": 1.0}, "matches no weight")],
+     ({"Foreign": 1.0}, "matches no weight"),
+     ({"Mostly_Foreign": 1.0}, "Mostly_Foreign': 6 of its tensors match no weight of SD1.5 and only 2 do"),
+     ({"Sd2_Width": 1.0}, r"attn2.to_k.weight is 32x1024 but SD1.5's weight is 32x32")],
 )
 def test_bad_loras_are_clear_errors(lora_folder, loras, match):
     pipe = load_pipeline("SD1.5", "tiny", lora_folder=lora_folder)
@@ -75,3 +78,27 @@ def test_cli_lora_flag(lora_folder, tmp_path):
     assert CliRunner().invoke(main, [*base, "--lora", "Logo=0.7"]).exit_code == 0
     bad = CliRunner().invoke(main, [*base, "--lora", "Missing=0.7"])
     assert bad.exit_code == 2 and "error: loras: unknown LoRA" in bad.output
+
+
+def test_a_lora_that_does_not_fit_changes_nothing_and_later_requests_run_on_the_base_weights(lora_folder):
+    pipe = load_pipeline("SD1.5", "tiny", lora_folder=lora_folder)
+    plain = pipe.generate(request()).images[0]
+    pipe.generate(request(loras={"Logo": 1.0}))
+    with_logo = {k: v.clone() for k, v in pipe.bundle.unet.state_dict().items()}
+    with pytest.raises(InvalidRequestError, match="to_k"):
+        pipe.generate(request(loras={"Sd2_Width": 1.0, "Pixel_Art": 0.5}))
+    assert all(torch.equal(v, with_logo[k]) for k, v in pipe.bundle.unet.state_dict().items())
+    assert np.array_equal(np.asarray(pipe.generate(request()).images[0]), np.asarray(plain))
+
+
+def test_kohya_text_encoder_mlp_updates_are_merged_and_every_file_reports_its_matches(lora_folder):
+    pipe = load_pipeline("SD1.5", "tiny", lora_folder=lora_folder)
+    fc1 = pipe.bundle.text_encoders["text_encoder"].encoder.layers[0].mlp.fc1.weight
+    before = fc1.detach().clone()
+    pipe.generate(request(loras={"Text_Mlp": 1.0}))
+    assert not torch.equal(fc1, before), "the MLP update of the text encoder was dropped"
+    listing = {row["name"]: row for row in pipe.loras.describe()}
+    assert listing["Text_Mlp"] == {"name": "Text_Mlp", "tensors_matched": 4, "tensors_unmatched": 0}
+    assert listing["Pixel_Art"] == {"name": "Pixel_Art", "tensors_matched": 6, "tensors_unmatched": 0}
+    assert "matches no weight" in listing["Foreign"]["error"]
+    assert "6 of its tensors match no weight" in listing["Mostly_Foreign"]["error"]

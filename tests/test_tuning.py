@@ -29,8 +29,8 @@ def test_tuning_applies_and_resumes_without_duplicate_trials(tmp_path):
     assert "task 1/2" in first.output
     (artifact,) = list_artifacts(tmp_path)
     manifest = artifact.manifest
-    assert manifest["tuned"] and manifest["tuned_functions"] > 0
-    assert manifest["tuning"]["tasks_tuned_now"] == 2 and manifest["tuning"]["tasks_skipped_no_flops"] > 0
+    assert manifest.tuned and manifest.tuned_functions > 0
+    assert manifest.tuning["tasks_tuned_now"] == 2 and manifest.tuning["tasks_skipped_no_flops"] > 0
     db = tmp_path / "tuning" / artifact.target_key
     before = records(db)
     assert len(before) >= 2
@@ -38,21 +38,21 @@ def test_tuning_applies_and_resumes_without_duplicate_trials(tmp_path):
     second = CliRunner().invoke(main, args, catch_exceptions=False)
     assert second.exit_code == 0, second.output
     (artifact,) = list_artifacts(tmp_path)
-    assert artifact.manifest["tuning"]["tasks_skipped_done"] == 2
-    assert artifact.manifest["tuning"]["trials_now"] == 0
-    assert artifact.manifest["tuned_functions"] == manifest["tuned_functions"]
+    assert artifact.manifest.tuning["tasks_skipped_done"] == 2
+    assert artifact.manifest.tuning["trials_now"] == 0
+    assert artifact.manifest.tuned_functions == manifest.tuned_functions
     after = records(db)
     assert after == before, "the resumed run added trials"
-    assert 0 < artifact.manifest["tuning"]["kernel_sum_s"]
-    assert artifact.manifest["tuning"]["tasks_with_records"] == len(artifact.manifest["tuning"]["top_tasks"]) == 2
+    assert 0 < artifact.manifest.tuning["kernel_sum_s"]
+    assert artifact.manifest.tuning["tasks_with_records"] == len(artifact.manifest.tuning["top_tasks"]) == 2
 
     untuned_args = [a for a in args if a not in ("--tune",)]
     applied = CliRunner().invoke(main, untuned_args, catch_exceptions=False)
     assert applied.exit_code == 0, applied.output
     assert "applying the tuning records" in applied.output
     (artifact,) = list_artifacts(tmp_path)
-    assert artifact.manifest["tuned_functions"] == manifest["tuned_functions"]
-    assert artifact.manifest["tuning"]["trials_now"] == 0 and records(db) == before
+    assert artifact.manifest.tuned_functions == manifest.tuned_functions
+    assert artifact.manifest.tuning["trials_now"] == 0 and records(db) == before
 
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=tmp_path)
     req = dict(model_name="SD1.5", prompt="a red cube", height=64, width=64, steps=3, seed=2)
@@ -70,7 +70,7 @@ def test_a_spent_budget_stops_tuning_and_still_builds(tmp_path):
     assert result.exit_code == 0, result.output
     assert "tuning budget spent during the replay-trace round (0/2 tasks)" in result.output
     (artifact,) = list_artifacts(tmp_path)
-    assert artifact.manifest["tuning"]["tasks_tuned_now"] == 0 and artifact.manifest["tuning"]["trials_now"] == 0
+    assert artifact.manifest.tuning["tasks_tuned_now"] == 0 and artifact.manifest.tuning["trials_now"] == 0
 
 
 def test_bad_budget_is_a_clear_error(tmp_path):

@@ -1,14 +1,13 @@
 """`sdaot compile --weight-transforms once`: what derives from the weights alone is computed at load and
 again after any in-place weight change (LoRA), never served stale."""
 
-import json
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from sdaot.compiler.bench import relative_error
-from sdaot.runtime.artifacts import list_artifacts
+from sdaot.runtime.artifacts import Manifest, list_artifacts
 from sdaot.runtime.cli import main
 from sdaot.runtime.compiled import TvmComponent
 from sdaot.runtime.components import TorchComponent, component_modules
@@ -24,7 +23,7 @@ def test_transformed_weights_follow_in_place_weight_changes(tmp_path):
                                        "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (artifact,) = list_artifacts(tmp_path)
-    assert artifact.manifest["weight_transforms"] == "once" and artifact.manifest["winograd_convolutions"] > 0
+    assert artifact.manifest.weight_transforms == "once" and artifact.manifest.winograd_convolutions > 0
     module = component_modules(load_weights(get_model("SD1.5"), "tiny"))["vae_decoder"]
     compiled, reference = TvmComponent("vae_decoder", artifact, module), TorchComponent("vae_decoder", module)
     assert compiled.transform_seconds > 0, "the weights were transformed when the artifact was loaded"
@@ -45,5 +44,5 @@ def test_per_call_weight_transforms_are_the_default(tmp_path):
     result = CliRunner().invoke(main, ["compile", "--model", "SD1.5", "--resolution", "64x64", "--components",
                                        "text_encoder", "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    manifest = json.loads(next(tmp_path.rglob("manifest.json")).read_text())
-    assert manifest["weight_transforms"] == "per-call" and manifest["conv_algorithm"] == "direct"
+    manifest = Manifest.read(next(tmp_path.rglob("manifest.json")).parent)
+    assert manifest.weight_transforms == "per-call" and manifest.conv_algorithm == "direct"

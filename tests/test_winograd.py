@@ -14,6 +14,7 @@ from tvm import relax
 
 from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning
 from sdaot.compiler.kernels.winograd import use_winograd
+from sdaot.runtime.artifacts import Manifest
 from sdaot.runtime.cli import main
 
 
@@ -85,8 +86,8 @@ def test_winograd_build_passes_the_bench_quality_gate(tmp_path):
                                          "--out", str(tmp_path / "artifacts")], catch_exceptions=False)
     assert compiled.exit_code == 0, compiled.output
     assert "convolutions by Winograd" in compiled.output
-    manifest = json.loads(next((tmp_path / "artifacts").rglob("vae_decoder/*/manifest.json")).read_text())
-    assert manifest["conv_algorithm"] == "winograd" and manifest["winograd_convolutions"] > 0
+    manifest = Manifest.read(next((tmp_path / "artifacts").rglob("vae_decoder/*/manifest.json")).parent)
+    assert manifest.conv_algorithm == "winograd" and manifest.winograd_convolutions > 0
     result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
                                        "--components", "vae_decoder", "--backends", "tvm,torch", "--repeat", "1",
                                        "--artifacts", str(tmp_path / "artifacts"), "--quality-steps", "2",
