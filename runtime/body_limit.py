@@ -3,7 +3,9 @@
 A `Content-Length` check alone lets a chunked upload (no length announced) through at any size. This
 ASGI middleware reads the body of every HTTP request up to the limit, answers 413 as soon as it is passed,
 and hands the app the body it read (at most the limit, held once; FastAPI would read it whole anyway);
-later messages (a client's disconnect) pass through unchanged.
+later messages (a client's disconnect) pass through unchanged. Starlette's RequestBodyLimitMiddleware (and
+FastAPI's `max_body_size`, built on it) counts the same bytes, but answers an announced oversize body with
+its own plain-text 413 from outside the app, not the API's JSON error.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -30,7 +31,8 @@ def start_server(extra_args, env_extra=None, wait_for="/readyz"):
     env = dict(os.environ, SDAOT_API_KEYS=KEY, **(env_extra or {}))
     cmd = [sys.executable, "-m", "sdaot.runtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            *extra_args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads fills up and blocks the server's logging
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -40,7 +42,8 @@ def start_server(extra_args, env_extra=None, wait_for="/readyz"):
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
+            log.seek(0)
+            raise RuntimeError(log.read())
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server did not become ready")
