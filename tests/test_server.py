@@ -174,7 +174,9 @@ def test_models_readiness_and_metrics(server):
     sdxl = next(m for m in models if m["name"] == "SDXL1.0-base")
     assert len(sdxl["default_tvm_resolutions"]) == 9 and "1024x1024" in sdxl["default_tvm_resolutions"]
     assert_error(httpx.get(f"{server}/v1/nothing", headers=AUTH), 404)
-    assert_error(httpx.get(f"{server}/v1/image/generation", headers=AUTH), 405)
+    wrong_method = httpx.get(f"{server}/v1/image/generation", headers=AUTH)
+    assert_error(wrong_method, 405)
+    assert wrong_method.headers["Allow"] == "POST"
     assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
     generated = post(server, {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 2})
     assert generated.status_code == 200

@@ -12,7 +12,9 @@ Schedule (`AttentionRule`), sized by the target's CpuProfile:
    queries: 512 KiB at 4096 keys on AVX-512) stays in L2.
 2. Scores: transposed (keys x queries), a register block of `vector_registers / 2` keys x the block's
    query vectors, accumulated over the head depth.
-3. Softmax statistics (max, sum) per query, reduced over keys with the queries as vector lanes.
+3. Softmax statistics (max, sum) per query, reduced over keys with the queries as vector lanes; the
+   max-shifted scores are not stored but recomputed inside the exponential (one pass over the score
+   slice fewer).
 4. Weighted values: a register block of value columns x the block's query vectors (half the register
    file in accumulators), then the output written row by row, divided by the sums.
 """
@@ -26,6 +28,7 @@ from .blocking import KernelRule, accumulate_in_registers, block_names, largest_
 from .profile import CpuProfile
 
 SCORES = "attention_scores"
+SHIFTED = "attention_shifted"
 MAX = "attention_max"
 SUM = "attention_sum"
 WEIGHTED = "attention_weighted"
@@ -51,7 +54,7 @@ def _attention_te(q: Any, key_t: Any, value: Any) -> Any:
                         lambda *x: te.sum(key_t[(*x[:-2], k, x[-2])] * q_t[(*x[:-2], k, x[-1])], axis=k), name=SCORES)
     j = te.reduce_axis((0, keys), name="j")
     top = te.compute((*lead, rows), lambda *x: te.max(scores[(*x[:-1], j, x[-1])], axis=j), name=MAX)
-    shifted = te.compute((*lead, keys, rows), lambda *x: scores[x] - top[(*x[:-2], x[-1])], name="attention_shifted")
+    shifted = te.compute((*lead, keys, rows), lambda *x: scores[x] - top[(*x[:-2], x[-1])], name=SHIFTED)
     weights = topi.fast_exp(shifted)
     j_sum = te.reduce_axis((0, keys), name="j_sum")
     total = te.compute((*lead, rows), lambda *x: te.sum(weights[(*x[:-1], j_sum, x[-1])], axis=j_sum),
@@ -131,6 +134,8 @@ class AttentionRule(KernelRule):
         if extents is None or extents[0] % QUERY_MULTIPLE:
             return False
         rows, key_tile, column_tile = attention_tiles(*extents, profile)
+        sch.compute_inline(sch.get_sblock(SHIFTED))
+        names.remove(SHIFTED)
         row_outer, row_inner = sch.split(row, [None, rows])
         sch.reorder(*lead, row_outer, column, row_inner)
         query_block = sch.fuse(*lead, row_outer)
