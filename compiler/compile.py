@@ -14,6 +14,7 @@ from typing import Any
 import onnx
 import torch
 
+from sdaot.runtime import __version__
 from sdaot.runtime.artifacts import (
     FORMAT_VERSION,
     Manifest,
@@ -33,7 +34,6 @@ from .tvm_build import TuningOptions, build_library
 
 SIZE_FREE = ("text_encoder", "text_encoder_2")
 BATCHED = ("unet", "controlnet", "unet_controlnet")
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def describe_artifact(bundle: ModelBundle, job: CompileJob, graph: ExportedGraph
     import tvm
 
     return Manifest(
-        format_version=FORMAT_VERSION, sdaot_version=VERSION, tvm_version=tvm.__version__,
+        format_version=FORMAT_VERSION, sdaot_version=__version__, tvm_version=tvm.__version__,
         model=bundle.spec.name, family=bundle.spec.family, component=job.component,
         resolution=resolution_key(job.resolution), batch=job.batch, inputs=graph.inputs, outputs=graph.outputs,
         weights=graph.weights, weights_signature=weights_signature(graph.weights), weight_source=bundle.source,

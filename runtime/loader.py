@@ -11,7 +11,7 @@ import transformers
 from .lora import lora_dir
 from .pipeline import Pipeline
 from .registry import get_model
-from .weights import load_weights
+from .weights import BUILT_IN_SOURCES, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = F
 
 def _shared_source(weights: str, flag: str) -> str:
     """The refiner can share only a built-in source (tiny/random); a folder or file holds one model."""
-    if weights in ("tiny", "random"):
+    if weights in BUILT_IN_SOURCES:
         return weights
     from .errors import WeightsNotFoundError
 

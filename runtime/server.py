@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import __version__
 from .admission import Admission
 from .api_schema import ApiGenerationRequest, GenerationResponse, error_responses
 from .body_limit import BodyLimit
@@ -26,6 +27,7 @@ from .images import decode_image, encode_image
 from .pipeline import Pipeline
 from .registry import get_model
 from .request import parse_request
+from .weights import BUILT_IN_SOURCES
 
 log = logging.getLogger("sdaot.server")
 
@@ -85,7 +87,7 @@ class Server:
         try:
             for name in self.config.models:
                 spec = get_model(name)
-                refiner = spec.refiner is not None and self.config.weights in ("tiny", "random")
+                refiner = spec.refiner is not None and self.config.weights in BUILT_IN_SOURCES
                 self.pipelines[spec.name] = load_pipeline(spec.name, self.config.weights, with_refiner=refiner,
                                                           artifacts_root=self.config.artifacts_root,
                                                           lora_folder=self.config.lora_folder,
@@ -134,7 +136,7 @@ class Server:
 def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
     """The FastAPI app; models load in a background thread so /healthz answers at once."""
     server = Server(config)
-    app = FastAPI(title="sdaot", version="0.1.0",
+    app = FastAPI(title="sdaot", version=__version__,
                   description="Stable Diffusion with ahead-of-time compiled TVM backends and a PyTorch fallback.")
     app.state.server = server
 
