@@ -126,7 +126,7 @@ class LoraMerger:
                         for name, p in module.named_parameters()}
         self._backup: dict[str, torch.Tensor] = {}
         self._current: dict[str, float] = {}
-        self._files: dict[str, LoraFile] = {}
+        self._files: dict[str, LoraFile | InvalidRequestError] = {}  # a refused file is read once too
 
     def names(self) -> list[str]:
         """LoRA names this model can use."""
@@ -158,9 +158,19 @@ class LoraMerger:
         return rows
 
     def _read(self, name: str) -> LoraFile:
-        """The file's updates, every one checked against the weight it changes, before anything is merged."""
-        if name in self._files:
-            return self._files[name]
+        """The file's updates, every one checked against the weight it changes, before anything is merged;
+        a file is read once, whether it is used or refused."""
+        if name not in self._files:
+            try:
+                self._files[name] = self._match(name)
+            except InvalidRequestError as exc:
+                self._files[name] = exc
+        found = self._files[name]
+        if isinstance(found, InvalidRequestError):
+            raise InvalidRequestError(found.message, param=found.param)
+        return found
+
+    def _match(self, name: str) -> LoraFile:
         deltas, unpaired = read_lora(available_loras(self.folder)[name], self.bundle.spec.is_sdxl)
         model = self.bundle.spec.name
         weight_of = {k: self._weight_key(k) for k in deltas}
@@ -183,7 +193,6 @@ class LoraMerger:
                 raise InvalidRequestError(
                     f"LoRA {name!r}: the update of {key} is {delta.describe()} but {model}'s weight is "
                     f"{'x'.join(map(str, shape))} (a LoRA for another architecture?)", param="loras")
-        self._files[name] = file
         return file
 
     def _weight_key(self, key: str) -> str | None:
