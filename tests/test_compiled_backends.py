@@ -180,8 +180,8 @@ def test_killed_compiles_leave_nothing_half_written_and_a_live_compile_is_never_
     def writing() -> bool:
         return bool(list(root.glob("*/*/.tmp-*/model.onnx")))
 
-    def first_landed() -> bool:
-        return bool(list(root.glob(f"*/*/*-b*/{MANIFEST}")))
+    def first_landed_second_writing() -> bool:
+        return bool(list(root.glob(f"*/*/*-b*/{MANIFEST}"))) and writing()
 
     run_until(writing)
     assert list_artifacts(root) == []
@@ -189,7 +189,7 @@ def test_killed_compiles_leave_nothing_half_written_and_a_live_compile_is_never_
     with pytest.raises(BackendUnavailableError):
         pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2,
                                          backend="tvm")))
-    run_until(first_landed)
+    run_until(first_landed_second_writing)
     assert len(list_artifacts(root)) == 1
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

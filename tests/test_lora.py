@@ -28,7 +28,7 @@ def test_lora_changes_the_image_on_torch_and_tvm_alike_without_rebuild(compiled_
 
     pipe = load_pipeline("SD1.5", "tiny", artifacts_root=compiled_root, lora_folder=lora_folder)
     before_files = tree_digest(compiled_root / "SD1.5")
-    plain = {b: pipe.generate(request(backend=b)).images[0] for b in ("torch", "tvm")}
+    plain = {b: pipe.generate(request(backend=b)).images[0] for b in ("torch", "tvm", "onnxruntime")}
     rss = psutil.Process().memory_info().rss
     with_lora = {b: pipe.generate(request(backend=b, loras={"pixel_art": 0.8, "Logo": 0.5})) for b in
                  ("torch", "tvm", "onnxruntime")}
@@ -40,7 +40,7 @@ def test_lora_changes_the_image_on_torch_and_tvm_alike_without_rebuild(compiled_
     assert psnr(with_lora["onnxruntime"].images[0], with_lora["torch"].images[0]) >= 40
     unet_bytes = sum(p.numel() * p.element_size() for p in pipe.bundle.unet.parameters())
     assert grown < unet_bytes, "a LoRA must not cost a copy of the model"
-    for backend in ("torch", "tvm"):
+    for backend in ("torch", "tvm", "onnxruntime"):
         again = pipe.generate(request(backend=backend)).images[0]
         assert np.array_equal(np.asarray(again), np.asarray(plain[backend])), backend
     assert tree_digest(compiled_root / "SD1.5") == before_files
