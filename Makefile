@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,peers]'
+	$(VENV)/bin/pip install --quiet -e '.[compile,serve,bench,dev]'
 	touch $(STAMP)
 
 .PHONY: setup serve test test-quick lint

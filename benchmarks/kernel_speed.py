@@ -2,7 +2,7 @@
 
 The register blocks and tiles of compiler/kernels/ come from the target's CpuProfile; this script is how
 their sizes were checked on each instruction set (the shapes are the full-size SD1.5 UNet's at 512x512,
-batch 2). To hold torch to AVX2 as well, start it with the variables of compiler/peers.py's
+batch 2). To hold torch to AVX2 as well, start it with the variables of benchmarks/peers.py's
 ISA_LIMIT_VARIABLES:
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \\

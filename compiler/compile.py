@@ -23,17 +23,17 @@ from sdaot.runtime.artifacts import (
     resolution_key,
     weights_signature,
 )
-from sdaot.runtime.components import component_modules, controlnet_modules
+from sdaot.runtime.component_table import COMPONENTS, BatchRule, Modules, component_modules, example_inputs
+from sdaot.runtime.components import controlnet_modules
 from sdaot.runtime.controlnet import get_controlnet_name, load_controlnet
 from sdaot.runtime.errors import InvalidRequestError
+from sdaot.runtime.resolution import Resolution
 from sdaot.runtime.targets import target_json, target_key
 from sdaot.runtime.weights import ModelBundle
 
 from .export import ExportedGraph, export_component
-from .tvm_build import TuningOptions, build_library
-
-SIZE_FREE = ("text_encoder", "text_encoder_2")
-BATCHED = ("unet", "controlnet", "unet_controlnet")
+from .tuning import TuningOptions
+from .tvm_build import build_library
 
 
 @dataclass(frozen=True)
@@ -41,23 +41,15 @@ class CompileJob:
     """One artifact to build: a component at a resolution (None for size-free ones) and a batch size."""
 
     component: str
-    resolution: tuple[int, int] | None
+    resolution: Resolution | None
     batch: int
 
     def describe(self) -> str:
         return f"{self.component} {resolution_key(self.resolution)} b{self.batch}"
 
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' -> (width, height), both multiples of 8."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise InvalidRequestError(f"resolution must look like 512x768 (got {text!r})", param="resolution") from exc
-    if width % 8 or height % 8 or min(width, height) < 64:
-        raise InvalidRequestError(f"resolution sides must be multiples of 8, at least 64 (got {text})",
-                                  param="resolution")
-    return width, height
+    def example_inputs(self, bundle: ModelBundle, modules: Modules) -> tuple[torch.Tensor, ...]:
+        """Inputs of this job's shapes for tracing its component."""
+        return example_inputs(bundle, self.component, self.resolution, self.batch, modules)
 
 
 def compile_modules(bundle: ModelBundle, controlnet: str | None = None) -> dict[str, torch.nn.Module]:
@@ -68,55 +60,50 @@ def compile_modules(bundle: ModelBundle, controlnet: str | None = None) -> dict[
     return modules
 
 
-def plan_jobs(bundle: ModelBundle, resolutions: list[tuple[int, int]], components: list[str] | None,
+def guided_batch(bundle: ModelBundle) -> int:
+    """The denoiser's batch for one image at the model's default CFG scale (2 where guidance runs)."""
+    return BatchRule.GUIDED.rows(1, bundle.spec.default_cfg_scale > 1.0)
+
+
+def plan_jobs(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
               batches: list[int] | None, modules: dict[str, torch.nn.Module] | None = None) -> list[CompileJob]:
-    """Every (component, resolution, batch) to build; text encoders once, the UNet per CFG batch size."""
+    """Every (component, resolution, batch) to build; size-free components once, the denoiser per batch size."""
     available = list(modules or component_modules(bundle))
     components = components or available
     for name in components:
         if name not in available:
             raise InvalidRequestError(f"{bundle.spec.name} has no component {name!r}; it has {', '.join(available)}",
                                       param="components")
-    if batches is None:
-        batches = [1] if bundle.spec.default_cfg_scale <= 1.0 else [2]
+    batches = batches or [guided_batch(bundle)]
     jobs = []
     for name in components:
-        if name in SIZE_FREE:
-            jobs.append(CompileJob(name, None, 1))
-            continue
-        for res in resolutions:
-            for batch in batches if name in BATCHED else [1]:
-                jobs.append(CompileJob(name, res, batch))
+        spec = COMPONENTS[name]
+        for res in [None] if spec.size_free else resolutions:
+            jobs += [CompileJob(name, res, batch) for batch in spec.batch.compiled_batches(batches)]
     return jobs
 
 
-def example_inputs(bundle: ModelBundle, job: CompileJob,
-                   modules: dict[str, torch.nn.Module] | None = None) -> tuple[torch.Tensor, ...]:
-    """Inputs of the right shape and dtype for tracing one component."""
-    b = job.batch
-    if job.component in SIZE_FREE:
-        return (torch.zeros(b, 77, dtype=torch.int64),)
-    width, height = job.resolution
-    latent = (b, bundle.unet.config.in_channels, height // 8, width // 8)
-    if job.component == "vae_decoder":
-        return (torch.randn(latent),)
-    if job.component == "vae_encoder":
-        return (torch.randn(b, 3, height, width),)
-    unet = bundle.unet.config
-    args = [torch.randn(latent), torch.full((b,), 500.0), torch.randn(b, 77, unet.cross_attention_dim)]
-    if unet.addition_embed_type == "text_time":
-        time_ids = 5 if bundle.spec.requires_aesthetics_score else 6
-        pooled = unet.projection_class_embeddings_input_dim - time_ids * unet.addition_time_embed_dim
-        args += [torch.randn(b, pooled), torch.randn(b, time_ids)]
-    if job.component == "unet":
-        return tuple(args)
-    control = [torch.rand(b, 3, height, width), torch.ones(b)]
-    controlnet_args = (*args[:3], *control, *args[3:])
-    if job.component == "controlnet":
-        return controlnet_args
-    with torch.inference_mode():
-        residuals = modules["controlnet"](*controlnet_args)
-    return (*args, *residuals)
+def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
+                  batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
+                  tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
+                  weight_transforms: str = "per-call", log: Callable[[str], None] = print) -> list[Path]:
+    """`sdaot compile`: every artifact of the model that the arguments ask for, one after another, after
+    removing what killed compiles left in `root`. Returns the artifact folders."""
+    if conv_algorithm != "direct" and target.kind.name != "llvm":
+        raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
+    modules = compile_modules(bundle, controlnet)
+    jobs = plan_jobs(bundle, resolutions, components, batches, modules)
+    if remove_stale_temporaries(root):
+        log("removed temporary folders left by an interrupted compile")
+    log(f"compiling {len(jobs)} artifacts of {bundle.spec.name} for {target_key(target)} into {root}")
+    paths = []
+    for i, job in enumerate(jobs, 1):
+        log(f"[{i}/{len(jobs)}] {job.describe()}")
+        start = time.perf_counter()
+        paths.append(compile_job(bundle, job, target, root, log=log, modules=modules, tuning=tuning,
+                                 conv_algorithm=conv_algorithm, weight_transforms=weight_transforms))
+        log(f"  done in {time.perf_counter() - start:.1f} s -> {paths[-1]}")
+    return paths
 
 
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
@@ -132,7 +119,7 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
     try:
         start = time.perf_counter()
         modules = modules or component_modules(bundle)
-        graph = export_component(modules[job.component], example_inputs(bundle, job, modules))
+        graph = export_component(modules[job.component], job.example_inputs(bundle, modules))
         onnx.save(graph.model, str(tmp / "model.onnx"))
         exported = time.perf_counter()
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")

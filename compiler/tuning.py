@@ -45,6 +45,37 @@ class TuningReport:
     threads: int = 1
 
 
+@dataclass
+class TuningOptions:
+    """How a build tunes: database folder, wall-time budget (0: apply the records only), trials per task."""
+
+    database: Path
+    budget_s: float
+    trials_per_task: int = 64
+    max_tasks: int | None = None
+
+
+def tuning_options(database: Path, tune: bool, budget: str, trials_per_task: int, max_tasks: int | None,
+                   target_kind: str, log: Callable[[str], None] = print) -> TuningOptions | None:
+    """What `sdaot compile`'s flags ask for: tune within `budget` (--tune), else apply the records already in
+    `database` to CPU builds, else none.
+    Bad flag values are InvalidRequestError naming the flag."""
+    from sdaot.runtime.errors import InvalidRequestError
+
+    if tune:
+        try:
+            seconds = parse_budget(budget)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="tune_budget") from exc
+        if trials_per_task < 1:
+            raise InvalidRequestError("must be at least 1", param="trials_per_task")
+        return TuningOptions(database, seconds, trials_per_task, max_tasks)
+    if (database / "database_tuning_record.json").is_file() and target_kind == "llvm":
+        log(f"applying the tuning records in {database} (no new tuning without --tune)")
+        return TuningOptions(database, 0.0, trials_per_task, max_tasks)
+    return None
+
+
 def parse_budget(text: str) -> float:
     """'45m', '90s', '1h', '1h30m' or plain seconds -> seconds."""
     parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", text.strip().lower())

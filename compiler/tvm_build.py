@@ -16,17 +16,7 @@ from .fast_math import use_fast_math
 from .kernels import apply_fallback_rules, apply_rules_before_tuning
 from .kernels.attention import fuse_attention
 from .kernels.winograd import use_winograd
-from .tuning import TuningReport, count_scheduled, tune_and_apply
-
-
-@dataclass
-class TuningOptions:
-    """How `sdaot compile --tune` tunes: database folder, wall-time budget, trials per task."""
-
-    database: Path
-    budget_s: float
-    trials_per_task: int = 64
-    max_tasks: int | None = None
+from .tuning import TuningOptions, TuningReport, count_scheduled, tune_and_apply
 
 
 @dataclass

@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import TypedDict
 
+from .resolution import Resolution
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -102,9 +104,9 @@ def weights_signature(weights: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def resolution_key(resolution: tuple[int, int] | None) -> str:
-    """'WIDTHxHEIGHT' as the API and the reference's tvm tables write it, or 'any' for size-free components."""
-    return "any" if resolution is None else f"{resolution[0]}x{resolution[1]}"
+def resolution_key(resolution: Resolution | None) -> str:
+    """The resolution as artifact folders and manifests spell it (WIDTHxHEIGHT), 'any' for size-free components."""
+    return "any" if resolution is None else str(resolution)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def list_artifacts(root: Path | None = None) -> list[Artifact]:
     return found
 
 
-def artifact_dir(root: Path, model: str, component: str, resolution: tuple[int, int] | None, batch: int,
+def artifact_dir(root: Path, model: str, component: str, resolution: Resolution | None, batch: int,
                  target_key: str) -> Path:
     """The folder of one (model, component, resolution, batch, target) artifact."""
     return root / model / component / f"{resolution_key(resolution)}-b{batch}-{target_key}"

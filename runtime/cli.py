@@ -11,6 +11,7 @@ import click
 
 from .errors import InvalidRequestError, SdaotError
 from .registry import all_models
+from .resolution import Resolution
 from .threads import use_all_cores
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -41,9 +42,9 @@ def models(as_json: bool) -> None:
     """List the model names sdaot serves, with family, native size and defaults."""
     rows = [
         {
-            "name": m.name, "family": m.family, "native_resolution": "x".join(map(str, m.native_resolution[::-1])),
+            "name": m.name, "family": m.family, "native_resolution": str(m.native_resolution),
             "steps": m.default_steps, "cfg_scale": m.default_cfg_scale, "sampler": m.default_sampler,
-            "hub_id": m.hub_id, "tvm_resolutions": list(m.tvm_resolutions), "description": m.description,
+            "hub_id": m.hub_id, "tvm_resolutions": [str(r) for r in m.tvm_resolutions], "description": m.description,
         }
         for m in all_models()
     ]
@@ -164,14 +165,14 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     paths = _output_paths(output, req.num_images)
     pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights,
                          artifacts_root=artifacts_root, lora_folder=lora_dir, controlnet_folder=controlnet_dir)
-    pipe.plan(req)
+    plan = pipe.plan(req)
     with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.n = done
             bar.refresh()
 
-        result = pipe.generate(req, progress=progress)
+        result = pipe.generate(plan, progress=progress)
     for path, image in zip(paths, result.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, format=IMAGE_FORMATS[path.suffix.lower()])
@@ -212,8 +213,6 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
             tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, conv_algorithm: str,
             weight_transforms: str, root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
-    import time
-
     from .artifacts import default_root
     from .loader import quiet_libraries
     from .registry import get_model
@@ -221,57 +220,24 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     from .weights import load_weights
 
     try:
-        from sdaot.compiler.compile import (
-            compile_job,
-            compile_modules,
-            parse_resolution,
-            plan_jobs,
-            remove_stale_temporaries,
-        )
+        from sdaot.compiler.compile import compile_model
+        from sdaot.compiler.tuning import tuning_options
     except ImportError as exc:
-        raise SdaotError(f"the compiler needs onnx, onnxslim and apache-tvm installed: {exc}") from exc
+        raise SdaotError(f"compiling needs the compile extra (pip install 'sdaot[compile]'): {exc}") from exc
 
     quiet_libraries()
     spec = get_model(model_name)
-    sizes = [parse_resolution(r) for r in (resolutions or spec.tvm_resolutions)]
+    sizes = [Resolution.parse(r) for r in resolutions] if resolutions else list(spec.tvm_resolutions)
     try:
         batches = [int(b) for b in batch.split(",")] if batch else None
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
     tvm_target = resolve_target(target)
-    if conv_algorithm != "direct" and tvm_target.kind.name != "llvm":
-        raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
     root = root or default_root()
-    tuning = None
-    db = tuning_db or root / "tuning" / target_key(tvm_target)
-    if tune:
-        from sdaot.compiler.tuning import parse_budget
-        from sdaot.compiler.tvm_build import TuningOptions
-
-        try:
-            budget = parse_budget(tune_budget)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="tune_budget") from exc
-        if trials_per_task < 1:
-            raise InvalidRequestError("must be at least 1", param="trials_per_task")
-        tuning = TuningOptions(db, budget, trials_per_task, tune_tasks)
-    elif (db / "database_tuning_record.json").is_file() and tvm_target.kind.name == "llvm":
-        from sdaot.compiler.tvm_build import TuningOptions
-
-        click.echo(f"applying the tuning records in {db} (no new tuning without --tune)")
-        tuning = TuningOptions(db, 0.0, trials_per_task, tune_tasks)
-    bundle = load_weights(spec, weights)
-    modules = compile_modules(bundle, controlnet)
-    jobs = plan_jobs(bundle, sizes, components.split(",") if components else None, batches, modules)
-    if remove_stale_temporaries(root):
-        click.echo("removed temporary folders left by an interrupted compile")
-    click.echo(f"compiling {len(jobs)} artifacts of {spec.name} for {target_key(tvm_target)} into {root}")
-    for i, job in enumerate(jobs, 1):
-        click.echo(f"[{i}/{len(jobs)}] {job.describe()}")
-        start = time.perf_counter()
-        path = compile_job(bundle, job, tvm_target, root, log=click.echo, modules=modules, tuning=tuning,
-                           conv_algorithm=conv_algorithm, weight_transforms=weight_transforms)
-        click.echo(f"  done in {time.perf_counter() - start:.1f} s -> {path}")
+    tuning = tuning_options(tuning_db or root / "tuning" / target_key(tvm_target), tune, tune_budget,
+                            trials_per_task, tune_tasks, tvm_target.kind.name, log=click.echo)
+    compile_model(load_weights(spec, weights), sizes, components.split(",") if components else None, batches,
+                  tvm_target, root, controlnet, tuning, conv_algorithm, weight_transforms, log=click.echo)
 
 
 @main.command()
@@ -320,8 +286,10 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str, 
           warmup: int, repeat: int, target: str, artifacts_root: Path | None, profile: bool, quality_steps: int,
           out_dir: Path) -> None:
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
-    from sdaot.compiler.bench import BACKENDS, run_bench
-    from sdaot.compiler.compile import parse_resolution
+    try:
+        from sdaot.benchmarks.runner import BACKENDS, markdown, run_bench
+    except ImportError as exc:
+        raise SdaotError(f"benchmarking needs the bench extra (pip install 'sdaot[bench]'): {exc}") from exc
 
     from .loader import quiet_libraries
     from .registry import get_model
@@ -338,13 +306,11 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str, 
         raise InvalidRequestError("repeat and steps must be >= 1, warmup >= 0", param="repeat")
     if quality_steps < 0:
         raise InvalidRequestError("must be >= 0", param="quality_steps")
-    size = parse_resolution(resolution) if resolution else spec.native_resolution[::-1]
+    size = Resolution.parse(resolution) if resolution else spec.native_resolution
     bundle = load_weights(spec, weights)
     report = run_bench(bundle, size, [c.strip() for c in components.split(",")], chosen, resolve_target(target),
                        artifacts_root, steps, warmup, repeat, out_dir, log=click.echo, profile=profile,
                        quality_steps=quality_steps)
-    from sdaot.compiler.bench import markdown
-
     click.echo(markdown(report))
 
 
@@ -385,10 +351,14 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
     """Serve POST /v1/image/generation (the reference API) plus /v1/models, /healthz, /readyz, /metrics."""
     import logging
 
-    import uvicorn
-
     from .registry import get_model
-    from .server import ServerConfig, create_app
+
+    try:
+        import uvicorn
+
+        from .server import ServerConfig, create_app
+    except ImportError as exc:
+        raise SdaotError(f"serving needs the serve extra (pip install 'sdaot[serve]'): {exc}") from exc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = [k.strip() for k in os.environ.get("SDAOT_API_KEYS", "").split(",") if k.strip()]

@@ -2,17 +2,19 @@
 
 A component takes positional tensors named by `input_names` and returns a tuple of tensors named by
 `output_names`. The torch modules below fix those signatures; the same modules are what the compiler
-exports, so the torch, onnxruntime and tvm backends of a component compute the same function.
+exports, so the torch, onnxruntime and tvm backends of a component compute the same function. Which module
+each component uses, and everything else about it, is in `component_table.COMPONENTS`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from .weights import ModelBundle
+if TYPE_CHECKING:
+    from .weights import ModelBundle
 
 
 class Component(Protocol):
@@ -135,18 +137,6 @@ class VaeEncoderModule(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.vae.encode(image).latent_dist.parameters,)
-
-
-def component_modules(bundle: ModelBundle) -> dict[str, nn.Module]:
-    """The exportable torch module of each component of a model, keyed by component name."""
-    modules: dict[str, nn.Module] = {
-        "unet": UNetModule(bundle.unet),
-        "vae_decoder": VaeDecoderModule(bundle.vae),
-        "vae_encoder": VaeEncoderModule(bundle.vae),
-    }
-    for name, encoder in bundle.text_encoders.items():
-        modules[name] = TextEncoderModule(encoder)
-    return modules
 
 
 class TorchComponent:

@@ -1,8 +1,10 @@
-"""One generation pipeline for every backend: tokenize, encode, sample, decode.
+"""One generation pipeline for every backend: plan, encode the prompt, prepare the latents, denoise, decode.
 
-The loop mirrors diffusers' StableDiffusion(XL)(Img2Img)Pipeline step for step, so on the torch backend it
-reproduces diffusers' images; every network call goes through a Component, so compiled backends plug in
-without touching the sampling math. Schedulers are diffusers' own.
+`generate` only orders named steps, as diffusers' pipelines do: `encode_prompt`, `timesteps`,
+`prepare_latents`, `denoise_loop` (its `predict_noise` holds ControlNet and CFG) and `decode`. The loop
+mirrors diffusers' StableDiffusion(XL)(Img2Img)Pipeline step for step, so on the torch backend it reproduces
+diffusers' images; every network call goes through a Component, so compiled backends plug in without
+touching the sampling math. Schedulers are diffusers' own.
 """
 
 from __future__ import annotations
@@ -20,19 +22,20 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .components import Component, TorchComponent, component_modules, controlnet_modules
+from .component_table import COMPONENTS, component_modules, sdxl_time_ids
+from .components import Component, TorchComponent, controlnet_modules
 from .controlnet import get_controlnet_name, load_controlnet, preprocess_control_image
 from .errors import InvalidRequestError
 from .lora import LoraMerger
 from .presets import apply_preset
 from .registry import ModelSpec
 from .request import MAX_SEED, GenerationRequest
+from .resolution import VAE_SCALE, Resolution
 from .samplers import SamplerSpec, get_sampler, make_scheduler
 from .selection import ComponentSelector
 from .weights import ModelBundle
 
 log = logging.getLogger(__name__)
-VAE_SCALE = 8
 Progress = Callable[[int, int], None]
 
 
@@ -41,8 +44,7 @@ class Plan:
     """A request with every default filled in and every name resolved against the model."""
 
     request: GenerationRequest
-    height: int
-    width: int
+    resolution: Resolution
     steps: int
     cfg_scale: float
     sampler: SamplerSpec
@@ -55,9 +57,37 @@ class Plan:
     controlnet: str | None = None
 
     @property
+    def height(self) -> int:
+        """Image height in pixels."""
+        return self.resolution.height
+
+    @property
+    def width(self) -> int:
+        """Image width in pixels."""
+        return self.resolution.width
+
+    @property
     def do_cfg(self) -> bool:
         """Classifier-free guidance runs (a second, unconditional UNet half) only when cfg_scale > 1."""
         return self.cfg_scale > 1.0
+
+
+@dataclass
+class Run:
+    """One request in flight through one pipeline: its plan, the component chosen for each network, a random
+    generator per image and which backend ran each network so far."""
+
+    plan: Plan
+    components: dict[str, Component]
+    generators: list[torch.Generator]
+    progress: Progress | None = None
+    used: dict[str, str] = field(default_factory=dict)
+
+    def call(self, name: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run network `name` on its chosen backend, noting that backend."""
+        component = self.components[name]
+        self.used[name] = component.backend
+        return component(*inputs)
 
 
 @dataclass
@@ -112,7 +142,7 @@ class Pipeline:
         steps = req.steps if req.steps is not None else spec.default_steps
         if steps > spec.max_steps:
             raise InvalidRequestError(f"{spec.name} takes 1 to {spec.max_steps} steps (got {steps})", param="steps")
-        height, width = self._size(req)
+        resolution = self._size(req)
         if req.image is not None and int(steps * req.strength) < 1:
             raise InvalidRequestError(
                 f"strength {req.strength} with {steps} steps leaves no denoising step; raise strength or steps",
@@ -125,35 +155,35 @@ class Pipeline:
         prompt_2 = req.prompt_2
         if req.style_preset and prompt_2 is not None:
             prompt_2, _ = apply_preset(req.style_preset, prompt_2, None)
-        return Plan(req, height, width, steps, req.cfg_scale if req.cfg_scale is not None else spec.default_cfg_scale,
+        return Plan(req, resolution, steps, req.cfg_scale if req.cfg_scale is not None else spec.default_cfg_scale,
                     sampler, seeds, prompt, negative, prompt_2, req.negative_prompt_2,
                     self.loras.validate(req.loras or {}), controlnet)
 
-    def _size(self, req: GenerationRequest) -> tuple[int, int]:
+    def _size(self, req: GenerationRequest) -> Resolution:
+        """The requested size; a side left out comes from the img2img source image, else the model's native size."""
         if req.image is not None and (req.height is None or req.width is None):
             w, h = req.image.size
             height = req.height or max(64, min(2048, h // VAE_SCALE * VAE_SCALE))
             width = req.width or max(64, min(2048, w // VAE_SCALE * VAE_SCALE))
-            return height, width
-        native_h, native_w = self.spec.native_resolution
-        return req.height or native_h, req.width or native_w
+            return Resolution(width, height)
+        native = self.spec.native_resolution
+        return Resolution(req.width or native.width, req.height or native.height)
 
     # ---- backends -------------------------------------------------------------------------------
     def components(self, plan: Plan) -> dict[str, Component]:
         """The component that runs each network for this plan's backend, resolution and batch."""
-        n = len(plan.seeds)
-        size = (plan.width, plan.height)
-        needs: dict[str, tuple[tuple[int, int] | None, int]] = {name: (None, 1) for name in self.spec.text_encoders}
-        unet_batch = 2 * n if plan.do_cfg else n
+        names = list(self.spec.text_encoders)
         extra = {}
         if plan.controlnet and self.spec.default_controlnet:
             extra = self.controlnet_components(plan.controlnet)
-            needs["controlnet"] = needs["unet_controlnet"] = (size, unet_batch)
+            names += ["controlnet", "unet_controlnet"]
         else:
-            needs["unet"] = (size, unet_batch)
-        needs["vae_decoder"] = (size, n)
+            names.append("unet")
+        names.append("vae_decoder")
         if plan.request.image is not None:
-            needs["vae_encoder"] = (size, 1)
+            names.append("vae_encoder")
+        needs = {name: (None if COMPONENTS[name].size_free else plan.resolution,
+                        COMPONENTS[name].batch.rows(len(plan.seeds), plan.do_cfg)) for name in names}
         return self.selector.select(plan.request.backend, needs, extra)
 
     def controlnet_components(self, name: str) -> dict[str, TorchComponent]:
@@ -164,65 +194,76 @@ class Pipeline:
         return self._controlnets[name]
 
     # ---- generation -----------------------------------------------------------------------------
-    def generate(self, req: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
-        """Run one request end to end and return its images (PIL, RGB)."""
-        plan = self.plan(req)
+    def generate(self, request: GenerationRequest | Plan, progress: Progress | None = None) -> GenerationResult:
+        """Run one request (or its already made plan) end to end and return its images (PIL, RGB).
+
+        With the refiner, this pipeline denoises up to `1 - refiner_fraction` of the schedule and the refiner
+        pipeline takes the latents and the random generators from there, as diffusers' base + refiner flow.
+        """
+        plan = request if isinstance(request, Plan) else self.plan(request)
         with self.loras.lock:
             self.loras.apply(plan.loras)
-            return self._generate(plan, progress)
-
-    def _generate(self, plan: Plan, progress: Progress | None) -> GenerationResult:
-        req = plan.request
-        start = time.perf_counter()
-        comps = self.components(plan)
-        used: dict[str, str] = {}
-        denoising_end = 1.0 - req.refiner_fraction if req.enable_refiner else None
-        generators = [torch.Generator().manual_seed(s) for s in plan.seeds]
-        latents = self._sample(plan, comps, used, progress, generators, denoising_end=denoising_end)
-        if not req.enable_refiner:
-            images = self._decode(latents, comps, used)
-        else:
+            start = time.perf_counter()
+            run = self.start(plan, progress)
+            if not plan.request.enable_refiner:
+                images = self.decode(run, self.denoise(run))
+                return GenerationResult(images, plan.seeds, time.perf_counter() - start, run.used, plan)
             assert self.refiner is not None
-            refiner_comps = self.refiner.components(plan)
-            refiner_used: dict[str, str] = {}
-            latents = self.refiner._sample(plan, refiner_comps, refiner_used, progress, generators, latents=latents,
-                                           denoising_start=denoising_end)
-            images = self.refiner._decode(latents, refiner_comps, refiner_used)
-            used.update({f"refiner.{k}": v for k, v in refiner_used.items()})
-        return GenerationResult(images, plan.seeds, time.perf_counter() - start, used, plan)
+            split = 1.0 - plan.request.refiner_fraction
+            latents = self.denoise(run, end=split)
+            refined = self.refiner.start(plan, progress, run.generators)
+            images = self.refiner.decode(refined, self.refiner.denoise(refined, latents, start=split))
+            used = run.used | {f"refiner.{k}": v for k, v in refined.used.items()}
+            return GenerationResult(images, plan.seeds, time.perf_counter() - start, used, plan)
 
-    def _call(self, comps: dict[str, Component], name: str, used: dict[str, str], *inputs: torch.Tensor):
-        comp = comps[name]
-        used[name] = comp.backend
-        return comp(*inputs)
+    def start(self, plan: Plan, progress: Progress | None = None,
+              generators: list[torch.Generator] | None = None) -> Run:
+        """A request in flight on this pipeline: its components chosen, one random generator per image."""
+        generators = generators or [torch.Generator().manual_seed(s) for s in plan.seeds]
+        return Run(plan, self.components(plan), generators, progress)
 
-    def _tokenize(self, tokenizer_name: str, text: str) -> torch.Tensor:
-        tok = self.bundle.tokenizers[tokenizer_name]
-        return tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+    def denoise(self, run: Run, latents: torch.Tensor | None = None, start: float | None = None,
+                end: float | None = None) -> torch.Tensor:
+        """Encode the prompt, prepare the latents and run the sampler from `start` to `end` (fractions of the
+        schedule; None: all of it) over them: the denoising half of a request."""
+        scheduler = self.scheduler(run.plan)
+        cond = self.encode_prompt(run)
+        timesteps = self.timesteps(run.plan, scheduler, start)
+        latents = self.prepare_latents(run, scheduler, timesteps, latents)
+        return self.denoise_loop(run, scheduler, _until(scheduler, timesteps, end), latents, cond)
 
-    def _encode(self, plan: Plan, comps, used) -> dict[str, torch.Tensor]:
+    def scheduler(self, plan: Plan):
+        """The plan's sampler as a diffusers scheduler, set to the plan's step count."""
+        scheduler = make_scheduler(plan.sampler, self.spec.scheduler_config, seed=plan.seeds[0])
+        try:
+            scheduler.set_timesteps(plan.steps)
+        except ValueError as exc:
+            raise InvalidRequestError(f"sampler {plan.sampler.name!r} cannot run {plan.steps} steps: {exc}",
+                                      param="steps") from exc
+        return scheduler
+
+    def encode_prompt(self, run: Run) -> dict[str, torch.Tensor]:
         """Text conditioning for the UNet, unconditional half first when CFG runs (as diffusers orders it)."""
+        plan = run.plan
         n = len(plan.seeds)
         if not self.spec.is_sdxl:
-            embeds = self._call(comps, "text_encoder", used, self._tokenize("tokenizer", plan.prompt))[0]
+            embeds = run.call("text_encoder", self._tokenize("text_encoder", plan.prompt))[0]
             if plan.do_cfg:
-                neg_ids = self._tokenize("tokenizer", plan.negative_prompt or "")
-                neg = self._call(comps, "text_encoder", used, neg_ids)[0]
+                neg = run.call("text_encoder", self._tokenize("text_encoder", plan.negative_prompt or ""))[0]
                 return {"encoder_hidden_states": torch.cat([neg.repeat(n, 1, 1), embeds.repeat(n, 1, 1)])}
             return {"encoder_hidden_states": embeds.repeat(n, 1, 1)}
 
         encoders = self.spec.text_encoders
         prompts = [plan.prompt, plan.prompt_2 or plan.prompt][: len(encoders)]
-        embeds, pooled = self._encode_sdxl(prompts, comps, used)
+        embeds, pooled = self._encode_sdxl(run, prompts)
         if plan.do_cfg:
             if plan.negative_prompt is None and self.spec.force_zeros_for_empty_prompt:
                 neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
             else:
                 negative = plan.negative_prompt or ""
-                negs = [negative, plan.negative_prompt_2 or negative][: len(encoders)]
-                neg, neg_pooled = self._encode_sdxl(negs, comps, used)
-        time_ids, neg_time_ids = self._time_ids(plan)
+                negatives = [negative, plan.negative_prompt_2 or negative][: len(encoders)]
+                neg, neg_pooled = self._encode_sdxl(run, negatives)
+        time_ids, neg_time_ids = (torch.tensor([ids]) for ids in sdxl_time_ids(self.spec, plan.resolution))
         cond = {
             "encoder_hidden_states": embeds.repeat(n, 1, 1),
             "text_embeds": pooled.repeat(n, 1),
@@ -234,93 +275,91 @@ class Pipeline:
             cond["time_ids"] = torch.cat([neg_time_ids.repeat(n, 1), cond["time_ids"]])
         return cond
 
-    def _encode_sdxl(self, prompts: list[str], comps, used) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, encoder: str, text: str) -> torch.Tensor:
+        tok = self.bundle.tokenizers[COMPONENTS[encoder].tokenizer]
+        return tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def _encode_sdxl(self, run: Run, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
         for text, encoder in zip(prompts, self.spec.text_encoders, strict=True):
-            ids = self._tokenize(encoder.replace("text_encoder", "tokenizer"), text)
-            _, penultimate, pooled = self._call(comps, encoder, used, ids)
+            _, penultimate, pooled = run.call(encoder, self._tokenize(encoder, text))
             hidden.append(penultimate)
         return torch.cat(hidden, dim=-1), pooled
 
-    def _time_ids(self, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        size = (plan.height, plan.width)
-        if self.spec.requires_aesthetics_score:
-            pos, neg = list(size + (0, 0) + (6.0,)), list(size + (0, 0) + (2.5,))
-        else:
-            pos = neg = list(size + (0, 0) + size)
-        return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)
-
-    def _sample(self, plan: Plan, comps, used, progress: Progress | None, generators: list[torch.Generator],
-                latents: torch.Tensor | None = None, denoising_start: float | None = None,
-                denoising_end: float | None = None) -> torch.Tensor:
-        """Prepare latents (noise, or an encoded image plus noise) and run the sampler loop over them.
-
-        The generators carry on from base to refiner, as they do in diffusers' base + refiner flow.
-        """
-        req = plan.request
-        scheduler = make_scheduler(plan.sampler, self.spec.scheduler_config, seed=plan.seeds[0])
-        try:
-            scheduler.set_timesteps(plan.steps)
-        except ValueError as exc:
-            raise InvalidRequestError(f"sampler {plan.sampler.name!r} cannot run {plan.steps} steps: {exc}",
-                                      param="steps") from exc
-        cond = self._encode(plan, comps, used)
-        n = len(plan.seeds)
-        shape = (n, self.bundle.unet.config.in_channels, plan.height // VAE_SCALE, plan.width // VAE_SCALE)
-        timesteps = scheduler.timesteps
-        if denoising_start is not None:
-            cutoff = int(round(scheduler.config.num_train_timesteps * (1 - denoising_start)))
+    def timesteps(self, plan: Plan, scheduler, start: float | None = None) -> torch.Tensor:
+        """The timesteps to run: from `start` (a fraction of the schedule, for the refiner), or the last
+        `strength` of them for img2img, else all; the scheduler is told where it begins."""
+        if start is not None:
+            cutoff = int(round(scheduler.config.num_train_timesteps * (1 - start)))
             count = int((scheduler.timesteps < cutoff).sum().item())
             if scheduler.order == 2 and count % 2 == 0:
                 count += 1
-            t_start = len(scheduler.timesteps) - count
-            timesteps = scheduler.timesteps[t_start:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(t_start)
-        elif req.image is not None:
-            init_count = min(int(plan.steps * req.strength), plan.steps)
-            t_start = max(plan.steps - init_count, 0) * scheduler.order
-            timesteps = scheduler.timesteps[t_start:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(t_start)
-            image = self.image_processor.preprocess(req.image.convert("RGB"), height=plan.height, width=plan.width)
-            init = torch.cat([
-                DiagonalGaussianDistribution(self._call(comps, "vae_encoder", used, image)[0]).sample(g)
-                for g in generators
-            ]) * self.scaling_factor
-            noise = randn_tensor(shape, generator=generators, dtype=torch.float32)
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
+            begin = len(scheduler.timesteps) - count
+        elif plan.request.image is not None:
+            init_count = min(int(plan.steps * plan.request.strength), plan.steps)
+            begin = max(plan.steps - init_count, 0) * scheduler.order
         else:
-            if self.spec.is_sdxl and hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(0)
-            latents = randn_tensor(shape, generator=generators, dtype=torch.float32) * scheduler.init_noise_sigma
-        if denoising_end is not None:
-            cutoff = int(round(scheduler.config.num_train_timesteps * (1 - denoising_end)))
-            timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+            if not self.spec.is_sdxl:
+                return scheduler.timesteps
+            begin = 0
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        return scheduler.timesteps[begin:]
 
-        step_kwargs = _step_kwargs(scheduler, generators)
-        control = self._control_image(plan) if plan.controlnet and self.spec.default_controlnet else None
+    def prepare_latents(self, run: Run, scheduler, timesteps: torch.Tensor,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents the loop starts from: given ones (the refiner's), the encoded source image noised to
+        the first timestep (img2img), or pure noise scaled for the scheduler."""
+        if latents is not None:
+            return latents
+        plan = run.plan
+        n = len(plan.seeds)
+        shape = (n, self.bundle.unet.config.in_channels, *plan.resolution.latent)
+        if plan.request.image is None:
+            return randn_tensor(shape, generator=run.generators, dtype=torch.float32) * scheduler.init_noise_sigma
+        image = self.image_processor.preprocess(plan.request.image.convert("RGB"), height=plan.height,
+                                                width=plan.width)
+        init = torch.cat([
+            DiagonalGaussianDistribution(run.call("vae_encoder", image)[0]).sample(g) for g in run.generators
+        ]) * self.scaling_factor
+        noise = randn_tensor(shape, generator=run.generators, dtype=torch.float32)
+        return scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
+
+    def denoise_loop(self, run: Run, scheduler, timesteps: torch.Tensor, latents: torch.Tensor,
+                     cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One scheduler step per timestep on the noise the UNet predicts; progress is told after each."""
+        step_kwargs = _step_kwargs(scheduler, run.generators)
+        control = self._control_image(run.plan) if run.plan.controlnet and self.spec.default_controlnet else None
         for i, t in enumerate(timesteps):
-            model_in = torch.cat([latents] * 2) if plan.do_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            t_batch = t.to(torch.float32).expand(model_in.shape[0])
-            args = [cond[k] for k in self.torch_components["unet"].input_names[2:]]
-            if control is None:
-                noise_pred = self._call(comps, "unet", used, model_in, t_batch, *args)[0]
-            else:
-                keep = 1.0 - float(i / len(timesteps) < req.control_guidance_start
-                                   or (i + 1) / len(timesteps) > req.control_guidance_end)
-                scale = torch.full((model_in.shape[0],), req.controlnet_conditioning_scale * keep)
-                residuals = self._call(comps, "controlnet", used, model_in, t_batch, args[0], control, scale,
-                                       *args[1:])
-                noise_pred = self._call(comps, "unet_controlnet", used, model_in, t_batch, *args, *residuals)[0]
-            if plan.do_cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + plan.cfg_scale * (text - uncond)
+            noise_pred = self.predict_noise(run, scheduler, latents, t, cond, control, (i, len(timesteps)))
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if progress:
-                progress(i + 1, len(timesteps))
+            if run.progress:
+                run.progress(i + 1, len(timesteps))
         return latents
+
+    def predict_noise(self, run: Run, scheduler, latents: torch.Tensor, t: torch.Tensor,
+                      cond: dict[str, torch.Tensor], control: torch.Tensor | None,
+                      step: tuple[int, int]) -> torch.Tensor:
+        """The UNet's noise prediction at timestep t, with the ControlNet's residuals while its guidance window
+        (`control_guidance_start/end`, as fractions of the `step` (index, count)) is open, and CFG applied."""
+        plan, req = run.plan, run.plan.request
+        model_in = torch.cat([latents] * 2) if plan.do_cfg else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        t_batch = t.to(torch.float32).expand(model_in.shape[0])
+        args = [cond[k] for k in self.torch_components["unet"].input_names[2:]]
+        if control is None:
+            noise_pred = run.call("unet", model_in, t_batch, *args)[0]
+        else:
+            i, count = step
+            keep = 1.0 - float(i / count < req.control_guidance_start or (i + 1) / count > req.control_guidance_end)
+            scale = torch.full((model_in.shape[0],), req.controlnet_conditioning_scale * keep)
+            residuals = run.call("controlnet", model_in, t_batch, args[0], control, scale, *args[1:])
+            noise_pred = run.call("unet_controlnet", model_in, t_batch, *args, *residuals)[0]
+        if not plan.do_cfg:
+            return noise_pred
+        uncond, text = noise_pred.chunk(2)
+        return uncond + plan.cfg_scale * (text - uncond)
 
     def _control_image(self, plan: Plan) -> torch.Tensor:
         """The control map as diffusers' ControlNet pipelines prepare it: [0, 1], one per UNet batch row."""
@@ -329,9 +368,18 @@ class Pipeline:
         image = image.to(torch.float32).repeat_interleave(len(plan.seeds), dim=0)
         return torch.cat([image] * 2) if plan.do_cfg else image
 
-    def _decode(self, latents: torch.Tensor, comps, used) -> list[Image.Image]:
-        image = self._call(comps, "vae_decoder", used, latents / self.scaling_factor)[0]
+    def decode(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents -> RGB images through the VAE decoder."""
+        image = run.call("vae_decoder", latents / self.scaling_factor)[0]
         return self.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+def _until(scheduler, timesteps: torch.Tensor, end: float | None) -> torch.Tensor:
+    """The timesteps before `end` (a fraction of the schedule; None: all), where the refiner takes over."""
+    if end is None:
+        return timesteps
+    cutoff = int(round(scheduler.config.num_train_timesteps * (1 - end)))
+    return timesteps[: len([t for t in timesteps if t >= cutoff])]
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:

@@ -9,6 +9,7 @@ from importlib import resources
 from typing import Any
 
 from .errors import NotFoundError
+from .resolution import Resolution
 
 
 @dataclass(frozen=True)
@@ -20,13 +21,13 @@ class ModelSpec:
     description: str
     hub_id: str
     networks: dict[str, str]
-    native_resolution: tuple[int, int]
+    native_resolution: Resolution
     scheduler_config: dict[str, Any]
     default_steps: int
     default_cfg_scale: float
     default_sampler: str
     max_steps: int
-    tvm_resolutions: tuple[str, ...]
+    tvm_resolutions: tuple[Resolution, ...]
     tokenizer_pads: dict[str, str] = field(default_factory=dict)
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False
@@ -42,7 +43,9 @@ class ModelSpec:
     @property
     def text_encoders(self) -> list[str]:
         """Names of the text encoder networks this model uses, in prompt order."""
-        return [n for n in ("text_encoder", "text_encoder_2") if n in self.networks]
+        from .component_table import TEXT_ENCODERS
+
+        return [n for n in TEXT_ENCODERS if n in self.networks]
 
 
 def read_data(name: str) -> Any:
@@ -68,13 +71,13 @@ def _models() -> dict[str, ModelSpec]:
             description=m["description"],
             hub_id=m["hub_id"],
             networks=m["networks"],
-            native_resolution=tuple(m["native_resolution"]),
+            native_resolution=Resolution.parse(m["native_resolution"]),
             scheduler_config=data["schedulers"][m["scheduler"]],
             default_steps=m["defaults"]["steps"],
             default_cfg_scale=m["defaults"]["cfg_scale"],
             default_sampler=m["defaults"]["sampler"],
             max_steps=m["max_steps"],
-            tvm_resolutions=tuple(m["tvm_resolutions"]),
+            tvm_resolutions=tuple(Resolution.parse(r) for r in m["tvm_resolutions"]),
             tokenizer_pads={k: v for k, v in pads.items() if v},
             force_zeros_for_empty_prompt=m.get("force_zeros_for_empty_prompt", False),
             requires_aesthetics_score=m.get("requires_aesthetics_score", False),

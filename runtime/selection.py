@@ -17,6 +17,7 @@ from .artifacts import Artifact, list_artifacts, resolution_key
 from .compiled import OnnxRuntimeComponent, TvmComponent, check_artifact
 from .components import Component, TorchComponent
 from .errors import BackendUnavailableError
+from .resolution import Resolution
 
 log = logging.getLogger(__name__)
 COMPILED = {"tvm": TvmComponent, "onnxruntime": OnnxRuntimeComponent}
@@ -50,7 +51,7 @@ class ComponentSelector:
         """Resolutions with a compiled UNet, as WIDTHxHEIGHT."""
         return sorted({a.resolution for a in self.artifacts() if a.component == "unet"})
 
-    def select(self, backend: str, needs: dict[str, tuple[tuple[int, int] | None, int]],
+    def select(self, backend: str, needs: dict[str, tuple[Resolution | None, int]],
                extra_torch: dict[str, TorchComponent] | None = None) -> dict[str, Component]:
         """One component per needed name; `needs` maps name -> (resolution or None, total batch).
 

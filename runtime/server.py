@@ -24,7 +24,7 @@ from .api_schema import ApiGenerationRequest, GenerationResponse, error_response
 from .body_limit import BodyLimit
 from .errors import SdaotError
 from .images import decode_image, encode_image
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Plan
 from .registry import get_model
 from .request import parse_request
 from .weights import BUILT_IN_SOURCES
@@ -115,7 +115,7 @@ class Server:
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in self.config.api_keys]
         return any(matches)
 
-    def run(self, pipe: Pipeline, req: Any, cancel: threading.Event):
+    def run(self, pipe: Pipeline, plan: Plan, cancel: threading.Event):
         """Worker-thread body: skip work whose client is gone, stop between steps when cancelled."""
         if cancel.is_set():
             raise Cancelled()
@@ -126,7 +126,7 @@ class Server:
             if cancel.is_set():
                 raise Cancelled()
 
-        result = pipe.generate(req, progress=progress)
+        result = pipe.generate(plan, progress=progress)
         backend = result.backends.get("unet") or result.backends.get("unet_controlnet", "unknown")
         for earlier, later in zip(steps, steps[1:], strict=False):
             self.step_time.labels(backend).observe(later - earlier)
@@ -215,8 +215,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         for name, pipe in server.pipelines.items():
             compiled = pipe.selector.compiled_resolutions()
             rows.append({"name": name, "family": pipe.spec.family, "weights": pipe.bundle.source,
-                         "native_resolution": "x".join(map(str, pipe.spec.native_resolution[::-1])),
-                         "default_tvm_resolutions": list(pipe.spec.tvm_resolutions),
+                         "native_resolution": str(pipe.spec.native_resolution),
+                         "default_tvm_resolutions": [str(r) for r in pipe.spec.tvm_resolutions],
                          "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"},
                          "loras": pipe.loras.names(),
                          "lora_files": pipe.loras.describe(),
@@ -255,9 +255,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             for side in ("height", "width"):
                 if side not in body.model_fields_set:
                     fields.pop(side)
-        req = await run_in_threadpool(_prepare, pipe, fields, config.max_pixels)
+        plan = await run_in_threadpool(_prepare, pipe, fields, config.max_pixels)
         cancel = threading.Event()
-        submitted = server.admission.submit(server.run, pipe, req, cancel)
+        submitted = server.admission.submit(server.run, pipe, plan, cancel)
         if submitted is None:
             response = error_body(429, "the server is busy: queue is full, retry later", None)
             response.headers["Retry-After"] = "5"
@@ -287,15 +287,13 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     return app
 
 
-def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Any:
+def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Plan:
     """Decode the images, validate and plan the request: CPU work kept off the event loop (a 2048x2048
     PNG takes a while to decode), so other clients are answered meanwhile."""
     for key in ("image", "controlnet_image"):
         if key in fields:
             fields[key] = decode_image(fields[key], key, max_pixels)
-    req = parse_request(fields)
-    pipe.plan(req)
-    return req
+    return pipe.plan(parse_request(fields))
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:

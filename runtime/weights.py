@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .component_table import COMPONENTS
 from .errors import WeightsNotFoundError
 from .registry import ModelSpec, architectures
 from .tokenizer import clip_tokenizer
@@ -66,14 +67,19 @@ def build_random(spec: ModelSpec, size: str, seed: int | None = None) -> ModelBu
         name: _text_encoder_class(spec, name)(CLIPTextConfig(**arch[spec.networks[name]][size]))
         for name in spec.text_encoders
     }
-    tokenizers = {name.replace("text_encoder", "tokenizer"): clip_tokenizer(_pad(spec, name)) for name in encoders}
+    tokenizers = built_in_tokenizers(spec)
     for module in (unet, vae, *encoders.values()):
         module.eval().requires_grad_(False)
     return ModelBundle(spec, f"{size}-random", unet, vae, encoders, tokenizers)
 
 
+def built_in_tokenizers(spec: ModelSpec) -> dict[str, CLIPTokenizer]:
+    """CLIP's tokenizer (shipped vocabulary) for each of the model's text encoders, with the model's pad token."""
+    return {COMPONENTS[name].tokenizer: clip_tokenizer(_pad(spec, name)) for name in spec.text_encoders}
+
+
 def _pad(spec: ModelSpec, encoder_name: str) -> str:
-    return spec.tokenizer_pads.get(encoder_name.replace("text_encoder", "tokenizer"), "<|endoftext|>")
+    return spec.tokenizer_pads.get(COMPONENTS[encoder_name].tokenizer, "<|endoftext|>")
 
 
 def save_diffusers_folder(bundle: ModelBundle, folder: Path, with_weights: bool = True) -> None:
@@ -154,7 +160,7 @@ def load_diffusers_layout(spec: ModelSpec, location: str, source: str, local_onl
     }
     tokenizers = {}
     for name in encoders:
-        tok_name = name.replace("text_encoder", "tokenizer")
+        tok_name = COMPONENTS[name].tokenizer
         try:
             tokenizers[tok_name] = CLIPTokenizer.from_pretrained(location, subfolder=tok_name, **kwargs)
         except OSError:
@@ -175,7 +181,7 @@ def load_single_file(spec: ModelSpec, path: Path) -> ModelBundle:
         cls = StableDiffusionXLPipeline if spec.is_sdxl else StableDiffusionPipeline
         pipe = cls.from_single_file(str(path), config=config_dir, local_files_only=True)
     encoders = {name: getattr(pipe, name) for name in spec.text_encoders}
-    tokenizers = {name.replace("text_encoder", "tokenizer"): clip_tokenizer(_pad(spec, name)) for name in encoders}
+    tokenizers = built_in_tokenizers(spec)
     for module in (pipe.unet, pipe.vae, *encoders.values()):
         module.eval().requires_grad_(False)
     return ModelBundle(spec, f"file:{path}", pipe.unet, pipe.vae, encoders, tokenizers)

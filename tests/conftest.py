@@ -17,7 +17,7 @@ _CACHE = Path(tempfile.mkdtemp(prefix="sdaot-test-cache-"))
 os.environ.setdefault("SDAOT_CACHE", str(_CACHE))
 use_all_cores()
 
-from sdaot.compiler.bench import image_psnr  # noqa: E402  (after the cache and thread settings above)
+from sdaot.benchmarks.runner import image_psnr  # noqa: E402  (after the cache and thread settings above)
 
 
 @pytest.fixture(scope="session")

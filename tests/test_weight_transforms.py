@@ -6,11 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sdaot.compiler.bench import relative_error
+from sdaot.benchmarks.runner import relative_error
 from sdaot.runtime.artifacts import Manifest, list_artifacts
 from sdaot.runtime.cli import main
 from sdaot.runtime.compiled import TvmComponent
-from sdaot.runtime.components import TorchComponent, component_modules
+from sdaot.runtime.component_table import component_modules
+from sdaot.runtime.components import TorchComponent
 from sdaot.runtime.registry import get_model
 from sdaot.runtime.weights import load_weights
 

@@ -29,15 +29,17 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdaot.compiler.compile import CompileJob, compile_job, compile_modules, describe_artifact
+from sdaot.compiler.export import export_component
+from sdaot.compiler.kernels import cpu_profile
 from sdaot.runtime.artifacts import Artifact, Manifest, list_artifacts, resolution_key
 from sdaot.runtime.compiled import OnnxRuntimeComponent, TvmComponent
+from sdaot.runtime.component_table import COMPONENTS
 from sdaot.runtime.components import TorchComponent
+from sdaot.runtime.resolution import Resolution
 from sdaot.runtime.targets import target_key
 from sdaot.runtime.weights import ModelBundle
 
-from .compile import CompileJob, compile_job, compile_modules, describe_artifact, example_inputs
-from .export import export_component
-from .kernels import cpu_profile
 from .peers import PEERS, isa_limits, load_peer
 
 PROFILE_ROWS = 15
@@ -96,7 +98,7 @@ def count_gflop(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> fl
 class Runner:
     """Builds and times each backend of one model's components at one resolution."""
 
-    def __init__(self, bundle: ModelBundle, resolution: tuple[int, int], target, artifacts_root: Path | None,
+    def __init__(self, bundle: ModelBundle, resolution: Resolution, target, artifacts_root: Path | None,
                  warmup: int, repeat: int, log: Callable[[str], None] = print, profile: bool = False) -> None:
         self.bundle, self.resolution, self.target, self.profile = bundle, resolution, target, profile
         self.artifacts_root, self.warmup, self.repeat, self.log = artifacts_root, warmup, repeat, log
@@ -106,9 +108,10 @@ class Runner:
         self.plain_exports: dict[int, Path] = {}
 
     def job(self, component: str) -> CompileJob:
-        size_free = component in ("text_encoder", "text_encoder_2")
-        batch = 1 if component != "unet" or self.bundle.spec.default_cfg_scale <= 1 else 2
-        return CompileJob(component, None if size_free else self.resolution, batch)
+        """What one image at the model's default CFG costs this component: its resolution and batch."""
+        spec = COMPONENTS[component]
+        batch = spec.batch.rows(1, self.bundle.spec.default_cfg_scale > 1.0)
+        return CompileJob(component, None if spec.size_free else self.resolution, batch)
 
     def _compiled(self, job: CompileJob) -> Artifact | None:
         """The artifact `sdaot compile` wrote under --artifacts for this job (with whatever records it applied)."""
@@ -127,7 +130,7 @@ class Runner:
     def _exported(self, job: CompileJob) -> tuple[Artifact, float]:
         """The artifact's ONNX graph alone, for onnxruntime-artifact when no untuned TVM build was asked for."""
         start = time.perf_counter()
-        graph = export_component(self.modules[job.component], example_inputs(self.bundle, job, self.modules))
+        graph = export_component(self.modules[job.component], job.example_inputs(self.bundle, self.modules))
         folder = self.scratch / f"{job.component}-onnx"
         folder.mkdir(parents=True, exist_ok=True)
         onnx.save(graph.model, str(folder / "model.onnx"))
@@ -157,7 +160,7 @@ class Runner:
             return TvmComponent(component, artifact, module), seconds, {}
         if backend in PEERS:
             start = time.perf_counter()
-            peer = load_peer(backend, module, example_inputs(self.bundle, job, self.modules), self.scratch,
+            peer = load_peer(backend, module, job.example_inputs(self.bundle, self.modules), self.scratch,
                              self.plain_exports)
             return peer, time.perf_counter() - start, {}
         artifact, seconds = built[component] if component in built else self._exported(job)
@@ -166,7 +169,7 @@ class Runner:
     def measure(self, component: str, backend: str, built: dict) -> Measurement:
         """Warm up, then time `repeat` calls on identical inputs."""
         torch.manual_seed(0)
-        inputs = example_inputs(self.bundle, self.job(component), self.modules)
+        inputs = self.job(component).example_inputs(self.bundle, self.modules)
         try:
             runner, setup, tuning = self.component_backend(component, backend, built)
         except Exception as exc:  # a backend that cannot build or load is reported, not fatal
@@ -222,7 +225,7 @@ def image_psnr(a: Image.Image, b: Image.Image) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def image_quality(bundle: ModelBundle, resolution: tuple[int, int], artifacts_root: Path | None, steps: int,
+def image_quality(bundle: ModelBundle, resolution: Resolution, artifacts_root: Path | None, steps: int,
                   out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """One image with the compiled artifacts (backend auto) and one with torch, same prompt and seed, and the
     PSNR between them: the end-to-end quality gate for anything the compiler changes in the arithmetic."""
@@ -230,8 +233,8 @@ def image_quality(bundle: ModelBundle, resolution: tuple[int, int], artifacts_ro
     from sdaot.runtime.request import parse_request
 
     pipeline = Pipeline(bundle, artifacts_root=artifacts_root)
-    request = {"model_name": bundle.spec.name, "prompt": QUALITY_PROMPT, "width": resolution[0],
-               "height": resolution[1], "steps": steps, "seed": 0}
+    request = {"model_name": bundle.spec.name, "prompt": QUALITY_PROMPT, "width": resolution.width,
+               "height": resolution.height, "steps": steps, "seed": 0}
     images, report = {}, {"steps": steps, "seed": 0, "prompt": QUALITY_PROMPT, "gate_db": QUALITY_GATE_DB}
     for backend in ("auto", "torch"):
         log(f"quality: {steps}-step image on backend {backend} ...")
@@ -245,7 +248,7 @@ def image_quality(bundle: ModelBundle, resolution: tuple[int, int], artifacts_ro
     return report
 
 
-def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list[str], backends: list[str],
+def run_bench(bundle: ModelBundle, resolution: Resolution, components: list[str], backends: list[str],
               target, artifacts_root: Path | None, steps: int, warmup: int, repeat: int, out_dir: Path,
               log: Callable[[str], None] = print, profile: bool = False, quality_steps: int = 0) -> dict:
     """Run every (component, backend) pair and write JSON, Markdown and a PNG chart into out_dir; with
@@ -255,7 +258,7 @@ def run_bench(bundle: ModelBundle, resolution: tuple[int, int], components: list
     log(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
     results, gflop, built = [], {}, {}
     for component in components:
-        inputs = example_inputs(bundle, runner.job(component), runner.modules)
+        inputs = runner.job(component).example_inputs(bundle, runner.modules)
         gflop[component] = count_gflop(runner.modules[component], inputs)
         for backend in backends:
             log(f"{component} on {backend} ...")

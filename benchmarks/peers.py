@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .export import OPSET
+from sdaot.compiler.export import OPSET
 
 ISA_LIMIT_VARIABLES = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PEERS = ("onnxruntime", "openvino", "openvino-f32")
