@@ -96,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="cpu", help="cpu (this machine) or a JSON TVM target")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", default="", help="time only the kernels whose name contains this, e.g. attention")
     args = parser.parse_args()
     use_all_cores()
     target = resolve_target(args.target)
@@ -106,6 +107,8 @@ def main() -> None:
     print("| kernel | tvm s | tvm GFLOP/s | torch s | torch GFLOP/s | max rel. diff |\n|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for name, make in KERNELS.items():
+        if args.only not in name:
+            continue
         graph, shapes, reference, flops = make()
         with target:
             scheduled = apply_rules_before_tuning(relax.get_pipeline("zero")(graph), target)

@@ -42,6 +42,11 @@ def largest_tile(extent: int, most: int) -> int:
     return tile
 
 
+def largest_divisor(extent: int, most: int) -> int:
+    """The largest divisor of `extent` up to `most` (for unrolled loops, which need not be powers of two)."""
+    return next(t for t in range(max(most, 1), 0, -1) if extent % t == 0)
+
+
 def static_extents(sch: Any, loops: list[Any]) -> list[int] | None:
     """The loops' extents, or None when any is not a constant."""
     extents = [sch.get(loop).extent for loop in loops]
