@@ -30,10 +30,11 @@ class Admission:
         """Work items queued or running right now."""
         return self._admitted
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future | None:
-        """Queue `fn(*args)` on a worker, or None (nothing queued) when every slot is taken."""
+    def submit(self, fn: Callable[..., Any], *args: Any, capacity: int | None = None) -> Future | None:
+        """Queue `fn(*args)` on a worker, or None (nothing queued) when every slot is taken; `capacity` (room
+        for more waiting work, for jobs that are meant to wait) replaces the default for this item."""
         with self._lock:
-            if self._admitted >= self.capacity:
+            if self._admitted >= (capacity or self.capacity):
                 return None
             self._admitted += 1
             self._on_change(self._admitted)

@@ -38,10 +38,10 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: a field's value, an image, a LoRA or an unknown name; `param` names the field",
     401: "Missing or invalid API key (Authorization: Bearer <key>)",
-    404: "Model not served here",
+    404: "Model not served here, or no such job for this API key (finished jobs expire)",
     413: "Request body over the size limit (counted on the bytes received, chunked or not)",
     422: "Body does not match the schema (type, range, unknown field); `param` is the field's path",
-    429: "Every worker and queue slot is taken; retry after `Retry-After` seconds",
+    429: "Every worker and queue slot is taken (for jobs: the most unfinished jobs); retry after `Retry-After` s",
     499: "The client closed the connection; the generation was cancelled",
     503: "Models are still loading, or could not be loaded (the message says why)",
     504: "The generation took longer than the server's time limit and was cancelled",
@@ -73,3 +73,37 @@ class GenerationResponse(BaseModel):
     steps: int
     sampler: str
     output_format: Literal["png", "jpeg", "webp"]
+
+
+class JobRequest(ApiGenerationRequest):
+    """POST /v1/jobs: the generation body, plus where to report the final state."""
+
+    webhook_url: str | None = Field(default=None, description="http(s) URL that gets one POST with the final state")
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobAccepted(BaseModel):
+    """The answer of POST /v1/jobs (202)."""
+
+    id: str
+    status: JobStatus
+    queue_position: int = Field(description="Jobs waiting ahead of this one")
+
+
+class JobState(BaseModel):
+    """GET /v1/jobs/{id}: where the job is; `result` once succeeded, `error` once failed."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    created: float = Field(description="Unix time the job was accepted")
+    model_name: str
+    queue_position: int | None = Field(default=None, description="While queued: jobs waiting ahead")
+    step: int | None = Field(default=None, description="Sampler steps done")
+    steps: int | None = Field(default=None, description="Sampler steps in all")
+    elapsed: float | None = Field(default=None, description="Seconds since it started running")
+    eta: float | None = Field(default=None, description="While running: seconds left, from the measured step time")
+    result: GenerationResponse | None = None
+    error: ErrorBody | None = None

@@ -345,10 +345,20 @@ def _is_loopback(host: str) -> bool:
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
 @click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None, help=CONTROLNET_DIR_HELP)
+@click.option("--max-queued-jobs", type=int, default=32, show_default=True,
+              help="Unfinished jobs (POST /v1/jobs) that may wait beyond the workers; more answer 429.")
+@click.option("--keep-finished", "keep_finished_s", type=float, default=3600.0, show_default=True,
+              help="Seconds a finished job's result stays readable (GET /v1/jobs/{id}); 404 after that.")
+@click.option("--keep-finished-count", "keep_finished", type=int, default=256, show_default=True,
+              help="Finished jobs kept at most; the oldest are dropped first.")
+@click.option("--webhook-allow", default="", help="Comma-separated hosts webhooks may be sent to (default: any "
+                                                  "http(s) host; set it where clients are not trusted).")
 def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
           queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool,
-          lora_dir: Path | None, controlnet_dir: Path | None) -> None:
-    """Serve POST /v1/image/generation (the reference API) plus /v1/models, /healthz, /readyz, /metrics."""
+          lora_dir: Path | None, controlnet_dir: Path | None, max_queued_jobs: int, keep_finished_s: float,
+          keep_finished: int, webhook_allow: str) -> None:
+    """Serve the web page at /, POST /v1/image/generation (the reference API), the jobs API (/v1/jobs), plus
+    /v1/models, /healthz, /readyz, /metrics."""
     import logging
 
     from .registry import get_model
@@ -356,7 +366,8 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
     try:
         import uvicorn
 
-        from .server import ServerConfig, create_app
+        from .server import create_app
+        from .serving import ServerConfig
     except ImportError as exc:
         raise SdaotError(f"serving needs the serve extra (pip install 'sdaot[serve]'): {exc}") from exc
 
@@ -373,10 +384,14 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
         click.echo(f"no API keys configured: serving loopback address {host} only, without authentication", err=True)
     if workers < 1 or queue_size < 0:
         raise InvalidRequestError("workers must be >= 1 and queue-size >= 0", param="workers")
+    if max_queued_jobs < 0 or keep_finished < 0 or keep_finished_s < 0:
+        raise InvalidRequestError("must be >= 0", param="max_queued_jobs, keep_finished, keep_finished_count")
     names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
     config = ServerConfig(models=names, weights=weights, artifacts_root=artifacts_root, api_keys=keys,
                           workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir,
-                          controlnet_folder=controlnet_dir)
+                          controlnet_folder=controlnet_dir, max_queued_jobs=max_queued_jobs,
+                          keep_finished_s=keep_finished_s, keep_finished=keep_finished,
+                          webhook_allow=[h.strip() for h in webhook_allow.split(",") if h.strip()])
     uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 

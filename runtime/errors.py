@@ -17,6 +17,10 @@ class SdaotError(Exception):
     def __str__(self) -> str:
         return f"{self.param}: {self.message}" if self.param else self.message
 
+    def content(self) -> dict[str, object]:
+        """This error in the API's error shape."""
+        return error_content(self.status_code, self.message, self.param, self.error_type)
+
 
 class InvalidRequestError(SdaotError):
     """A request value is out of range, unknown, or unreadable."""
@@ -36,5 +40,23 @@ class WeightsNotFoundError(SdaotError):
     error_type = "weights_not_found"
 
 
+class ServiceUnavailableError(SdaotError):
+    """The server cannot take the request now (models still loading, or failed to load: the message says)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
 class BackendUnavailableError(SdaotError):
     """The requested backend cannot run this request (no artifact, corrupt artifact, missing runtime)."""
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable", 504: "timeout_error"}
+
+
+def error_content(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict[str, object]:
+    """The reference API's error shape: {object, message, type, param, code}."""
+    return {"object": "error", "message": message, "type": kind or ERROR_TYPES.get(status, "api_error"),
+            "param": param, "code": status}

@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def start_server(extra_args, env_extra=None, wait_for="/readyz"):
     port = free_port()
-    env = dict(os.environ, SDAOT_API_KEYS=KEY, **(env_extra or {}))
+    env = dict(os.environ, SDAOT_API_KEYS=KEY) | (env_extra or {})
     cmd = [sys.executable, "-m", "sdaot.runtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            *extra_args]
     log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads fills up and blocks the server's logging

@@ -1,0 +1,34 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..api_schema import error_responses
+from ..serving import ServerDep, error_body
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Alive (the process answers)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=error_responses(503))
+async def readyz(server: ServerDep):
+    """Ready once every configured model is loaded."""
+    if server.ready.is_set():
+        return {"status": "ready", "models": list(server.pipelines)}
+    return error_body(503, server.load_error or "models are still loading", None)
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
+async def metrics(server: ServerDep) -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,91 @@
+"""Jobs: queue a generation and come back for it (POST, GET, DELETE /v1/jobs, and a Server-Sent Events
+stream of its steps). A job is visible to the API key that created it only; to anyone else it does not
+exist (404, the same answer as for an unknown or expired id)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..api_schema import JobAccepted, JobRequest, JobState, error_responses
+from ..errors import NotFoundError
+from ..generation_queue import Job
+from ..serving import Server, ServerDep, busy, job_content, plan_request
+from ..webhooks import check_webhook_url
+
+router = APIRouter(prefix="/v1/jobs")
+POLL_S = 0.05
+
+
+@router.post("", status_code=202, response_model=JobAccepted,
+             responses=error_responses(400, 401, 404, 413, 422, 429, 503))
+async def create_job(body: JobRequest, request: Request, server: ServerDep) -> Any:
+    """Queue a generation (the body of /v1/image/generation, plus an optional `webhook_url`)."""
+    if body.webhook_url is not None:
+        check_webhook_url(body.webhook_url, server.config.webhook_allow)
+    pipe, plan = await plan_request(server, body)
+    job = server.queue.submit_job(pipe, plan, server.owner(request), body.webhook_url, body.output_format)
+    if job is None:
+        return busy(f"the job queue is full ({server.config.max_queued_jobs} waiting); retry later")
+    return JSONResponse({"id": job.id, "status": job.status, "queue_position": server.queue.position(job)},
+                        status_code=202)
+
+
+@router.get("/{job_id}", response_model=JobState, responses=error_responses(401, 404))
+async def get_job(job_id: str, request: Request, server: ServerDep) -> Any:
+    """The job's status; while running its step, elapsed time and ETA; its images once succeeded."""
+    return job_content(server, _owned(server, request, job_id))
+
+
+@router.delete("/{job_id}", response_model=JobState, responses=error_responses(401, 404))
+async def cancel_job(job_id: str, request: Request, server: ServerDep) -> Any:
+    """Cancel this job: at once while queued, at its next step while running (a finished job stays as it is)."""
+    job = _owned(server, request, job_id)
+    server.queue.cancel(job)
+    return job_content(server, job)
+
+
+@router.get("/{job_id}/events", responses={**error_responses(401, 404), 200: {
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "description": "`status` once, `progress` after every step, then `result` with the final state"}})
+async def job_events(job_id: str, request: Request, server: ServerDep) -> StreamingResponse:
+    """Server-Sent Events: the job's state now (`status`, without images), one `progress` event per finished
+    step, then `result` with the final state."""
+    job = _owned(server, request, job_id)
+    return StreamingResponse(_events(server, job, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(server: Server, job: Job, request: Request) -> AsyncIterator[str]:
+    yield _event("status", {k: v for k, v in job_content(server, job).items() if k != "result"})
+    sent = 0
+    while True:
+        steps = list(job.step_log)
+        for step, total, elapsed, eta in steps[sent:]:
+            yield _event("progress", {"id": job.id, "status": "running", "step": step, "steps": total,
+                                      "elapsed": round(elapsed, 3), "eta": eta})
+        sent = len(steps)
+        if job.done and sent == len(job.step_log):
+            yield _event("result", job_content(server, job))
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(POLL_S)
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def _owned(server: Server, request: Request, job_id: str) -> Job:
+    job = server.queue.get(job_id, server.owner(request))
+    if job is None:
+        raise NotFoundError(f"no job {job_id!r} for this API key (finished jobs are kept "
+                            f"{server.config.keep_finished_s:.0f} s, at most {server.config.keep_finished})",
+                            param="job_id")
+    return job

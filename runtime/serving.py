@@ -1,0 +1,190 @@
+"""What the HTTP routes share: the server's configuration and state, and the request -> plan -> answer logic
+that the synchronous route and the jobs routes both use (the routes themselves stay thin)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.concurrency import run_in_threadpool
+
+from .api_schema import ApiGenerationRequest
+from .errors import NotFoundError, ServiceUnavailableError, error_content
+from .generation_queue import GenerationQueue, Job, owner_of
+from .images import decode_image, encode_image
+from .pipeline import GenerationResult, Pipeline, Plan
+from .registry import get_model
+from .request import parse_request
+from .webhooks import deliver_in_background
+from .weights import BUILT_IN_SOURCES
+
+log = logging.getLogger("sdaot.server")
+
+
+@dataclass
+class ServerConfig:
+    """Everything `sdaot serve` can be told; defaults serve the tiny demo models on one worker."""
+
+    models: list[str] = field(default_factory=lambda: ["SD1.5", "SDXL1.0-base", "SDXL-turbo"])
+    weights: str = "tiny"
+    artifacts_root: Path | None = None
+    api_keys: list[str] = field(default_factory=list)
+    workers: int = 1
+    queue_size: int = 4
+    timeout_s: float = 300.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 2048 * 2048
+    lora_folder: Path | None = None
+    controlnet_folder: Path | None = None
+    max_queued_jobs: int = 32
+    keep_finished_s: float = 3600.0
+    keep_finished: int = 256
+    webhook_allow: list[str] = field(default_factory=list)
+
+
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
+    """The reference API's error shape as an HTTP answer."""
+    return JSONResponse(error_content(status, message, param, kind), status_code=status)
+
+
+def busy(message: str) -> JSONResponse:
+    """429 with Retry-After: every slot for this kind of work is taken."""
+    response = error_body(429, message, None)
+    response.headers["Retry-After"] = "5"
+    return response
+
+
+class Server:
+    """The app state: pipelines, the generation queue and the metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.pipelines: dict[str, Pipeline] = {}
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sdaot_requests", "HTTP requests by status", ["status"], registry=self.registry)
+        self.latency = Histogram("sdaot_request_seconds", "Generation request latency", registry=self.registry,
+                                 buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.queue_depth = Gauge("sdaot_queue_depth", "Requests admitted and not finished", registry=self.registry)
+        self.step_time = Histogram("sdaot_step_seconds", "Sampler step time by UNet backend", ["backend"],
+                                   registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30))
+        self.queue = GenerationQueue(config.workers, config.queue_size, config.max_queued_jobs,
+                                     config.keep_finished_s, config.keep_finished, on_depth=self.queue_depth.set,
+                                     on_step=lambda backend, s: self.step_time.labels(backend).observe(s),
+                                     on_finished=self._job_finished)
+
+    def load(self) -> None:
+        """Load every configured model (with the refiner where one exists for SDXL and the source allows)."""
+        from .loader import load_pipeline
+
+        try:
+            for name in self.config.models:
+                spec = get_model(name)
+                refiner = spec.refiner is not None and self.config.weights in BUILT_IN_SOURCES
+                self.pipelines[spec.name] = load_pipeline(spec.name, self.config.weights, with_refiner=refiner,
+                                                          artifacts_root=self.config.artifacts_root,
+                                                          lora_folder=self.config.lora_folder,
+                                                          controlnet_folder=self.config.controlnet_folder)
+                compiled = self.pipelines[spec.name].selector.compiled_resolutions()
+                log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
+                         ", ".join(compiled) or "none compiled")
+            if self.config.workers > len(self.pipelines):
+                log.warning("--workers %d with %d model(s): generations of one model run one at a time (its "
+                            "weights hold one LoRA set), so at most %d run at once", self.config.workers,
+                            len(self.pipelines), len(self.pipelines))
+            self.ready.set()
+        except Exception as exc:  # any load failure must surface as 503 + message, not a silent thread death
+            self.load_error = f"cannot load models: {exc}"
+            log.error(self.load_error)
+
+    def _job_finished(self, job: Job) -> None:
+        if job.webhook_url:
+            deliver_in_background(job.webhook_url, lambda: job_content(self, job), job.id)
+
+    def owner(self, request: Request) -> str:
+        """Whose work a request creates or may see: the hash of its API key."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return owner_of(token if scheme.lower() == "bearer" and self.config.api_keys else None)
+
+    def authorized(self, request: Request) -> bool:
+        """Bearer key check in constant time; open when no keys are configured (loopback only)."""
+        if not self.config.api_keys:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in self.config.api_keys]
+        return any(matches)
+
+
+async def plan_request(server: Server, body: ApiGenerationRequest) -> tuple[Pipeline, Plan]:
+    """The served pipeline of the body's model and the planned request: 503 while loading, 404 for a model
+    not served here, 400/422 for bad fields (raised as SdaotError)."""
+    if not server.ready.is_set():
+        raise ServiceUnavailableError(server.load_error or "models are still loading")
+    spec = get_model(body.model_name)
+    pipe = server.pipelines.get(spec.name)
+    if pipe is None:
+        raise NotFoundError(f"model {spec.name} is not served here; served: {', '.join(server.pipelines)}",
+                            param="model_name")
+    fields = body.model_dump(exclude={"output_format", "webhook_url"}, exclude_none=True)
+    if body.image is not None:
+        for side in ("height", "width"):
+            if side not in body.model_fields_set:
+                fields.pop(side)
+    return pipe, await run_in_threadpool(_prepare, pipe, fields, server.config.max_pixels)
+
+
+def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Plan:
+    """Decode the images, validate and plan the request: CPU work kept off the event loop (a 2048x2048
+    PNG takes a while to decode), so other clients are answered meanwhile."""
+    for key in ("image", "controlnet_image"):
+        if key in fields:
+            fields[key] = decode_image(fields[key], key, max_pixels)
+    return pipe.plan(parse_request(fields))
+
+
+def generation_content(result: GenerationResult, output_format: str) -> dict[str, Any]:
+    """The answer of a finished generation: the reference's fields plus what ran where."""
+    plan = result.plan
+    assert plan is not None
+    images = [{"image": encode_image(img, output_format), "index": i, "random_seed": seed}
+              for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True))]
+    return {"images": images, "inference_time": round(result.inference_time, 4), "backends": result.backends,
+            "model_name": plan.request.model_name, "width": plan.width, "height": plan.height,
+            "steps": plan.steps, "sampler": plan.sampler.name, "output_format": output_format}
+
+
+def job_content(server: Server, job: Job) -> dict[str, Any]:
+    """A job's state as GET /v1/jobs/{id}, the events stream and the webhook report it."""
+    content: dict[str, Any] = {"id": job.id, "object": "job", "status": job.status, "created": round(job.created, 3),
+                               "model_name": job.plan.request.model_name}
+    if job.status == "queued":
+        content["queue_position"] = server.queue.position(job)
+    if job.status in ("running", "succeeded", "cancelled", "failed"):
+        content |= {"step": job.step, "steps": job.steps or job.plan.steps, "elapsed": round(job.elapsed(), 3)}
+    if job.status == "running":
+        content["eta"] = job.eta()
+    if job.status == "succeeded" and job.result is not None:
+        content["result"] = generation_content(job.result, job.output_format)
+    if job.status == "failed":
+        content["error"] = job.error
+    return content
+
+
+def get_server(request: Request) -> Server:
+    """FastAPI dependency: the app's Server."""
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
+"""A route parameter of this type receives the app's Server."""
