@@ -51,6 +51,13 @@ def wait_for(url, job_id, condition, timeout=300):
     raise AssertionError(f"job {job_id} never got there: {current}")
 
 
+def wait_until_idle(url):
+    """Until no work holds a worker slot: a job reads as ended a moment before its slot is given back."""
+    deadline = time.time() + 60
+    while "sdaot_queue_depth 0.0" not in httpx.get(f"{url}/metrics", timeout=60).text and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def finished(job) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
@@ -92,7 +99,9 @@ def test_the_event_stream_has_one_event_per_step_then_the_result(server):
 
 
 def test_cancelling_a_running_job_stops_it_within_a_step_and_a_queued_one_before_it_starts(server):
+    wait_until_idle(server)
     running = create(server, LONG)
+    wait_for(server, running["id"], lambda j: j["status"] == "running")
     queued = create(server, LONG | {"seed": 1})
     last = create(server, QUICK | {"seed": 2})
     assert queued["status"] == "queued" and last["queue_position"] == 1
@@ -120,6 +129,7 @@ def test_a_job_is_visible_to_its_own_key_only_and_others_cannot_tell_it_exists(s
 
 
 def test_a_full_job_queue_answers_429_and_finished_jobs_expire(server):
+    wait_until_idle(server)
     jobs = [create(server, LONG | {"seed": s}) for s in range(3)]
     full = httpx.post(f"{server}/v1/jobs", json=QUICK, headers=ONE, timeout=60)
     assert_error(full, 429)

@@ -208,8 +208,8 @@ def test_register_blocks_fit_the_register_file():
     assert matmul_tiles(16, 20, AVX512) is None
     assert matmul_tiles(4096, 320, AVX2) == (4, 16)
     assert matmul_tiles(77, 3072, AVX2) == (7, 8)
-    assert attention_tiles(4096, 4096, 40, AVX512) == (32, 16, 8)
-    assert attention_tiles(4096, 4096, 40, AVX2) == (16, 8, 4)
+    assert attention_tiles(4096, 4096, 40, AVX512) == (32, 8, 8)
+    assert attention_tiles(4096, 4096, 40, AVX2) == (16, 4, 5)
     assert transpose_tile(AVX512) == transpose_tile(AVX2) == 8
     for profile in (AVX512, AVX2):
         for rows, depth, block_rows in ((8192, 320, 8), (8192, 2560, 4), (154, 768, 7), (520, 40, 8)):
@@ -218,6 +218,9 @@ def test_register_blocks_fit_the_register_file():
         for rows, columns in ((4096, 320), (77, 3072), (8192, 1280)):
             height, width = matmul_tiles(rows, columns, profile)
             assert height * max(1, width // profile.lanes) <= profile.accumulators
+        for queries, keys, width in ((4096, 4096, 40), (1024, 1024, 80), (4096, 77, 40), (256, 256, 160)):
+            block, key_tile, column_tile = attention_tiles(queries, keys, width, profile)
+            assert max(key_tile, column_tile) * (block // profile.lanes) <= profile.accumulators
             channels, width = convolution_tiles(columns, 64, profile)
             assert channels * max(1, width // profile.lanes) <= profile.accumulators
 
