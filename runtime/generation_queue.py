@@ -146,11 +146,19 @@ class GenerationQueue:
 
     async def outcome(self, job: Job, timeout_s: float) -> GenerationResult:
         """The job's result once it ends; past `timeout_s` the job is cancelled and TimeoutError raised (its
-        worker slot stays taken until the work has really stopped)."""
+        worker slot stays taken until the work has really stopped). A job cancelled meanwhile raises
+        Cancelled; if the awaiting coroutine is cancelled instead (the server drops a request whose client
+        left), the job is cancelled with it."""
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=timeout_s)
         except asyncio.TimeoutError:
             self.cancel(job)
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if job.future.cancelled() and not (task and getattr(task, "cancelling", lambda: 0)()):
+                raise Cancelled() from None  # the job was cancelled while it waited, not this coroutine
+            self.cancel(job)  # the caller itself is cancelled (its client left, or shutdown): stop the work too
             raise
 
     def shutdown(self) -> None:

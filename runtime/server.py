@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,38 @@ WEB = resources.files("sdaot.runtime") / "web"
 COUNTED_PATHS = ("/v1/image", "/v1/jobs")
 
 
+class ApiKeyGate:
+    """ASGI middleware: /v1/ paths need a valid API key (401 in the error shape), and the answers of the
+    generation and jobs routes are counted by status.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's
+    disconnect from the routes, and a generation whose client has left must be cancelled."""
+
+    def __init__(self, app: Any, server: Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status: list[int] = []
+
+        async def noting_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        if path.startswith("/v1/") and not self.server.authorized(Request(scope)):
+            refused = error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization")
+            await refused(scope, receive, noting_status)
+        else:
+            await self.app(scope, receive, noting_status)
+        if path.startswith(COUNTED_PATHS) and status:
+            self.server.requests.labels(str(status[0])).inc()
+
+
 def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
     """The FastAPI app; models load in a background thread so /healthz answers at once."""
     server = Server(config)
@@ -42,16 +75,6 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     app = FastAPI(title="sdaot", version=__version__, lifespan=lifespan,
                   description="Stable Diffusion with ahead-of-time compiled TVM backends and a PyTorch fallback.")
     app.state.server = server
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and not server.authorized(request):
-            response = error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization")
-        else:
-            response = await call_next(request)
-        if request.url.path.startswith(COUNTED_PATHS):
-            server.requests.labels(str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -86,6 +109,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         return FileResponse(str(WEB / "index.html"))
 
     app.mount("/web", StaticFiles(directory=str(WEB)), name="web")
+    app.add_middleware(ApiKeyGate, server=server)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, too_large=lambda limit: error_body(
         413, f"request body is over {limit} bytes", None))
     return app

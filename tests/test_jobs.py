@@ -53,7 +53,7 @@ def wait_for(url, job_id, condition, timeout=300):
 
 def wait_until_idle(url):
     """Until no work holds a worker slot: a job reads as ended a moment before its slot is given back."""
-    deadline = time.time() + 60
+    deadline = time.time() + 300
     while "sdaot_queue_depth 0.0" not in httpx.get(f"{url}/metrics", timeout=60).text and time.time() < deadline:
         time.sleep(0.05)
 
@@ -180,3 +180,30 @@ def test_the_webhook_gets_the_final_state_after_retries_and_only_allowed_urls_ar
     for bad in ("ftp://127.0.0.1/x", "file:///etc/passwd", "http://example.com/hook", "not a url"):
         assert_error(httpx.post(f"{server}/v1/jobs", json=QUICK | {"webhook_url": bad}, headers=ONE, timeout=60),
                      400, "webhook_url")
+
+
+def metric(url, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_synchronous_call_whose_client_leaves_is_dropped_queued_or_running(server):
+    """The synchronous route runs on the same queue: a client that disconnects has its work cancelled, while
+    it waits behind a job and while it runs. A generation that ran to its end would add to the step-time
+    count (observed when a generation succeeds)."""
+    wait_until_idle(server)
+    blocker = create(server, LONG)
+    wait_for(server, blocker["id"], lambda j: j["status"] == "running")
+    httpx.delete(f"{server}/v1/jobs/{blocker['id']}", headers=ONE, timeout=60)
+    steps_counted = metric(server, "sdaot_step_seconds_count")
+    blocker = create(server, LONG)
+    wait_for(server, blocker["id"], lambda j: j["status"] == "running")
+    for case in ("queued behind a job", "running"):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server}/v1/image/generation", json=LONG | {"seed": 5}, headers=ONE, timeout=1.5)
+        if case == "queued behind a job":
+            httpx.delete(f"{server}/v1/jobs/{blocker['id']}", headers=ONE, timeout=60).raise_for_status()
+        wait_until_idle(server)
+        assert metric(server, "sdaot_step_seconds_count") == steps_counted, case
