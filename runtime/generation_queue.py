@@ -166,7 +166,7 @@ class GenerationQueue:
         self.admission.shutdown()
 
     # ---- the worker ----------------------------------------------------------------------------
-    def _run(self, job: Job) -> GenerationResult | None:
+    def _run(self, job: Job) -> GenerationResult:
         if job.cancel.is_set():
             self._finish(job, "cancelled")
             raise Cancelled()
