@@ -111,19 +111,23 @@ class Server:
 
     def owner(self, request: Request) -> str:
         """Whose work a request creates or may see: the hash of its API key."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return owner_of(token if scheme.lower() == "bearer" and self.config.api_keys else None)
+        return owner_of(_bearer_token(request) if self.config.api_keys else None)
 
     def authorized(self, request: Request) -> bool:
         """Bearer key check in constant time; open when no keys are configured (loopback only)."""
         if not self.config.api_keys:
             return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
+        token = _bearer_token(request)
+        if token is None:
             return False
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in self.config.api_keys]
         return any(matches)
+
+
+def _bearer_token(request: Request) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, or None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
 
 
 async def plan_request(server: Server, body: ApiGenerationRequest) -> tuple[Pipeline, Plan]:
@@ -153,21 +157,22 @@ def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Plan:
     return pipe.plan(parse_request(fields))
 
 
-def generation_content(result: GenerationResult, output_format: str) -> dict[str, Any]:
-    """The answer of a finished generation: the reference's fields plus what ran where."""
+def generation_content(result: GenerationResult, model_name: str, output_format: str) -> dict[str, Any]:
+    """The answer of a finished generation (of the model served as `model_name`): the reference's fields plus
+    what ran where."""
     plan = result.plan
     assert plan is not None
     images = [{"image": encode_image(img, output_format), "index": i, "random_seed": seed}
               for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True))]
     return {"images": images, "inference_time": round(result.inference_time, 4), "backends": result.backends,
-            "model_name": plan.request.model_name, "width": plan.width, "height": plan.height,
+            "model_name": model_name, "width": plan.width, "height": plan.height,
             "steps": plan.steps, "sampler": plan.sampler.name, "output_format": output_format}
 
 
 def job_content(server: Server, job: Job) -> dict[str, Any]:
     """A job's state as GET /v1/jobs/{id}, the events stream and the webhook report it."""
     content: dict[str, Any] = {"id": job.id, "object": "job", "status": job.status, "created": round(job.created, 3),
-                               "model_name": job.plan.request.model_name}
+                               "model_name": job.pipe.spec.name}
     if job.status == "queued":
         content["queue_position"] = server.queue.position(job)
     if job.status in ("running", "succeeded", "cancelled", "failed"):
@@ -175,7 +180,7 @@ def job_content(server: Server, job: Job) -> dict[str, Any]:
     if job.status == "running":
         content["eta"] = job.eta()
     if job.status == "succeeded" and job.result is not None:
-        content["result"] = generation_content(job.result, job.output_format)
+        content["result"] = generation_content(job.result, job.pipe.spec.name, job.output_format)
     if job.status == "failed":
         content["error"] = job.error
     return content

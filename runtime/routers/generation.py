@@ -37,7 +37,7 @@ async def generation(body: ApiGenerationRequest, request: Request, server: Serve
     finally:
         watcher.cancel()
     server.latency.observe(time.perf_counter() - start)
-    return generation_content(result, body.output_format)
+    return generation_content(result, pipe.spec.name, body.output_format)
 
 
 async def _cancel_when_client_leaves(request: Request, server: Server, job: Job) -> None:
