@@ -26,6 +26,8 @@ from sdaot.compiler.export import OPSET
 
 ISA_LIMIT_VARIABLES = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PEERS = ("onnxruntime", "openvino", "openvino-f32")
+OPENVINO_PRECISIONS = {"f32": "fp32", "f16": "fp16"}
+"""OpenVINO's element type names, as the bench spells precisions (bf16 is the same in both)."""
 
 
 def isa_limits() -> dict[str, str]:
@@ -50,7 +52,7 @@ class _GraphPeer:
     """Feeds a component's inputs, given in the module's order, to an exported graph by name (an export drops
     the inputs it does not use) and returns its outputs as torch tensors."""
 
-    precision = "f32"
+    precision = "fp32"
 
     def __init__(self, input_names: list[str], graph_inputs: dict[Any, str]) -> None:
         self.input_names, self.graph_inputs = input_names, graph_inputs
@@ -89,7 +91,8 @@ class OpenVinoPeer(_GraphPeer):
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": "f32"} if f32 else {}
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        chosen = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = OPENVINO_PRECISIONS.get(chosen, chosen)
         self.request = self.compiled.create_infer_request()
         ports = {}
         for index, port in enumerate(self.compiled.inputs):

@@ -1,7 +1,8 @@
 """`sdaot bench`: every backend side by side on the same inputs, in one process.
 
 For each component it builds what a backend needs in a scratch folder (`tvm` runs the artifact
-`sdaot compile` wrote under --artifacts, with the tuning records it applied; `tvm-untuned` a build
+`sdaot compile` wrote under --artifacts, with the tuning records it applied, `tvm-bf16` the one compiled
+with `--precision bf16`; `tvm-untuned` a build
 without them; `onnxruntime-artifact` the runtime's own onnxruntime backend on the artifact's graph, weights
 fed from torch's tensors; the peers of peers.py a plain export as their users run it), warms up, repeats,
 and reports the median and spread, the precision each ran at, achieved GFLOP/s against this machine's
@@ -45,7 +46,8 @@ from .peers import PEERS, isa_limits, load_peer
 PROFILE_ROWS = 15
 QUALITY_GATE_DB = 35.0
 QUALITY_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
-BACKENDS = ("tvm", "tvm-untuned", "onnxruntime-artifact", *PEERS, "torch", "torch-compile")
+COMPILED_PRECISIONS = {"tvm": "fp32", "tvm-bf16": "bf16"}
+BACKENDS = (*COMPILED_PRECISIONS, "tvm-untuned", "onnxruntime-artifact", *PEERS, "torch", "torch-compile")
 
 
 @dataclass
@@ -113,11 +115,12 @@ class Runner:
         batch = spec.batch.rows(1, self.bundle.spec.default_cfg_scale > 1.0)
         return CompileJob(component, None if spec.size_free else self.resolution, batch)
 
-    def _compiled(self, job: CompileJob) -> Artifact | None:
-        """The artifact `sdaot compile` wrote under --artifacts for this job (with whatever records it applied)."""
+    def _compiled(self, job: CompileJob, precision: str) -> Artifact | None:
+        """The artifact of this precision `sdaot compile` wrote under --artifacts for this job (with whatever records
+        it applied)."""
         for artifact in list_artifacts(self.artifacts_root):
-            if (artifact.model, artifact.component, artifact.resolution, artifact.batch) == (
-                    self.bundle.spec.name, job.component, resolution_key(job.resolution), job.batch) \
+            if (artifact.model, artifact.component, artifact.resolution, artifact.batch, artifact.precision) == (
+                    self.bundle.spec.name, job.component, resolution_key(job.resolution), job.batch, precision) \
                     and artifact.target_key == target_key(self.target):
                 return artifact
         return None
@@ -146,10 +149,12 @@ class Runner:
         if backend == "torch-compile":
             compiled = torch.compile(module)
             return (lambda *xs: compiled(*xs)), 0.0, {}
-        if backend == "tvm":
-            compiled = self._compiled(job)
+        if backend in COMPILED_PRECISIONS:
+            precision = COMPILED_PRECISIONS[backend]
+            compiled = self._compiled(job, precision)
             if compiled is None:
-                return "no artifact under --artifacts (run `sdaot compile`)", None, {}
+                return f"no {precision} artifact under --artifacts (run `sdaot compile --precision {precision}`)", \
+                    None, {}
             loaded = TvmComponent(component, compiled, module)
             return (loaded, compiled.manifest.build_seconds + loaded.transform_seconds,
                     compiled.manifest.tuning or {})
@@ -199,7 +204,7 @@ class Runner:
                            profile_total_s=sum(row["seconds"] for row in profile) or None,
                            conv_algorithm=build.get("conv_algorithm", "direct") if build else None,
                            weight_transforms=build.get("weight_transforms", "per-call") if build else None,
-                           precision=getattr(runner, "precision", "f32"))
+                           precision=getattr(runner, "precision", "fp32"))
 
 
 def _failure(exc: Exception) -> str:

@@ -28,7 +28,7 @@ from sdaot.runtime.components import controlnet_modules
 from sdaot.runtime.controlnet import get_controlnet_name, load_controlnet
 from sdaot.runtime.errors import InvalidRequestError
 from sdaot.runtime.resolution import Resolution
-from sdaot.runtime.targets import target_json, target_key
+from sdaot.runtime.targets import precision_target, target_json, target_key
 from sdaot.runtime.weights import ModelBundle
 
 from .export import ExportedGraph, export_component
@@ -86,22 +86,25 @@ def plan_jobs(bundle: ModelBundle, resolutions: list[Resolution], components: li
 def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
                   batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
                   tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
-                  weight_transforms: str = "per-call", log: Callable[[str], None] = print) -> list[Path]:
+                  weight_transforms: str = "per-call", precision: str = "fp32",
+                  log: Callable[[str], None] = print) -> list[Path]:
     """`sdaot compile`: every artifact of the model that the arguments ask for, one after another, after
     removing what killed compiles left in `root`. Returns the artifact folders."""
     if conv_algorithm != "direct" and target.kind.name != "llvm":
         raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
+    target = precision_target(target, precision)
     modules = compile_modules(bundle, controlnet)
     jobs = plan_jobs(bundle, resolutions, components, batches, modules)
     if remove_stale_temporaries(root):
         log("removed temporary folders left by an interrupted compile")
-    log(f"compiling {len(jobs)} artifacts of {bundle.spec.name} for {target_key(target)} into {root}")
+    log(f"compiling {len(jobs)} {precision} artifacts of {bundle.spec.name} for {target_key(target)} into {root}")
     paths = []
     for i, job in enumerate(jobs, 1):
         log(f"[{i}/{len(jobs)}] {job.describe()}")
         start = time.perf_counter()
         paths.append(compile_job(bundle, job, target, root, log=log, modules=modules, tuning=tuning,
-                                 conv_algorithm=conv_algorithm, weight_transforms=weight_transforms))
+                                 conv_algorithm=conv_algorithm, weight_transforms=weight_transforms,
+                                 precision=precision))
         log(f"  done in {time.perf_counter() - start:.1f} s -> {paths[-1]}")
     return paths
 
@@ -109,10 +112,11 @@ def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
                 log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None,
                 tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
-                weight_transforms: str = "per-call") -> Path:
+                weight_transforms: str = "per-call", precision: str = "fp32") -> Path:
     """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
 
-    final = artifact_dir(root, bundle.spec.name, job.component, job.resolution, job.batch, target_key(target))
+    final = artifact_dir(root, bundle.spec.name, job.component, job.resolution, job.batch, target_key(target),
+                         precision)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / _temporary_name("tmp")
     tmp.mkdir()
@@ -125,18 +129,19 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")
         info = build_library(graph.model, target, tmp / "lib.so", tuning=tuning, log=log,
                              conv_algorithm=conv_algorithm, weight_transforms=weight_transforms,
-                             num_inputs=len(graph.inputs))
+                             num_inputs=len(graph.inputs), precision=precision)
         built = time.perf_counter()
         tuned_note = f", {info.scheduled_functions} with tuned schedules" if tuning else ""
         winograd_note = f", {info.winograd_convolutions} convolutions by Winograd" if conv_algorithm != "direct" else ""
+        bf16_note = f", {info.bf16_matmuls} matmuls in bf16" if precision != "fp32" else ""
         log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note}"
-            f"{winograd_note})")
+            f"{winograd_note}{bf16_note})")
         describe_artifact(bundle, job, graph, target, lib_sha256=file_sha256(tmp / "lib.so"),
                           tuned_functions=info.scheduled_functions, total_functions=info.total_functions,
                           tuning=asdict(info.tuning) if info.tuning else None,
                           tuning_database=str(tuning.database) if tuning else None, conv_algorithm=conv_algorithm,
                           winograd_convolutions=info.winograd_convolutions, weight_transforms=weight_transforms,
-                          build_seconds=round(built - start, 2)).write(tmp)
+                          precision=precision, build_seconds=round(built - start, 2)).write(tmp)
         if final.exists():
             old = final.parent / _temporary_name("old")
             final.rename(old)

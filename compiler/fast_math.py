@@ -17,9 +17,13 @@ def _fast_sigmoid(x: Any) -> Any:
     return te.compute(x.shape, lambda *i: 1.0 / (1.0 + decay(*i)), name="fast_sigmoid")
 
 
-def use_fast_math(mod: Any) -> Any:
-    """Softmax, exp, erf and tanh through TVM's `FastMathTransform`, sigmoid (SiLU, quick-GELU) through fast exp."""
+def use_fast_math(mod: Any, other_legalizations: dict[str, Any] | None = None) -> Any:
+    """Softmax, exp, erf and tanh through TVM's `FastMathTransform`, sigmoid (SiLU, quick-GELU) through fast exp.
+
+    This lowers every operator to TIR, so the caller's own lowerings of other operators (`other_legalizations`,
+    as LegalizeOps takes them) are applied in the same pass."""
     from tvm import relax
 
     mod = relax.transform.FastMathTransform()(mod)
-    return relax.transform.LegalizeOps({"relax.sigmoid": lambda bb, call: bb.call_te(_fast_sigmoid, call.args[0])})(mod)
+    sigmoid = {"relax.sigmoid": lambda bb, call: bb.call_te(_fast_sigmoid, call.args[0])}
+    return relax.transform.LegalizeOps({**sigmoid, **(other_legalizations or {})})(mod)

@@ -13,8 +13,9 @@ from typing import Any
 import onnx
 
 from .fast_math import use_fast_math
-from .kernels import apply_fallback_rules, apply_rules_before_tuning
+from .kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
 from .kernels.attention import fuse_attention
+from .kernels.bf16_matmul import Bf16Legalization
 from .kernels.winograd import use_winograd
 from .tuning import TuningOptions, TuningReport, count_scheduled, tune_and_apply
 
@@ -27,6 +28,7 @@ class BuildInfo:
     total_functions: int
     tuning: TuningReport | None
     winograd_convolutions: int = 0
+    bf16_matmuls: int = 0
 
 
 WEIGHT_TRANSFORMS = ("per-call", "once")
@@ -34,7 +36,7 @@ WEIGHT_TRANSFORMS = ("per-call", "once")
 
 def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: TuningOptions | None = None,
                   log: Callable[[str], None] = print, conv_algorithm: str = "direct",
-                  weight_transforms: str = "per-call", num_inputs: int = 0) -> BuildInfo:
+                  weight_transforms: str = "per-call", num_inputs: int = 0, precision: str = "fp32") -> BuildInfo:
     """Compile the graph for `target` into `out_path` (a .so), tuned with MetaSchedule when asked.
 
     Weights are graph inputs already (see export.py), so they stay function parameters of `main`; only
@@ -53,6 +55,9 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     that the runtime calls when it loads the artifact and again whenever a weight changes (LoRA); `main`
     then takes the transformed weights after its `num_inputs` inputs. It costs memory for the transformed
     copies and saves their computation on every call.
+
+    With `precision="bf16"` (a CPU target with AVX-512 BF16), matmuls run in bf16 with fp32 sums
+    (kernels/bf16_matmul.py): the linear layers, and every Winograd convolution's 36 products.
     """
     import tvm
     from tvm import relax
@@ -67,11 +72,14 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         raise ValueError(f"weight transforms must be one of {', '.join(WEIGHT_TRANSFORMS)}, not {weight_transforms!r}")
     if conv_algorithm != "direct" and not cpu:
         raise ValueError(f"conv algorithm {conv_algorithm!r} is implemented for CPU targets only")
+    if precision != "fp32" and not (cpu and cpu_profile(target).avx512_bf16):
+        raise ValueError(f"precision {precision!r} needs a CPU target with AVX-512 BF16")
     winograd_convolutions = 0
     if cpu:
         mod = fuse_attention(mod)
         mod, winograd_convolutions = use_winograd(mod, conv_algorithm, weight_transforms == "once")
-    mod = use_fast_math(mod)
+    bf16 = Bf16Legalization()
+    mod = use_fast_math(mod, bf16.legalization_map() if precision == "bf16" else {})
     if weight_transforms == "once":
         mod["main"] = mod["main"].with_attr("num_input", num_inputs)
         mod = relax.transform.LiftTransformParams()(mod)
@@ -102,4 +110,5 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         mod = apply_fallback_rules(mod, target)
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_path))
-    return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions)
+    return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions,
+                     bf16.rewritten)

@@ -66,6 +66,7 @@ class Manifest(BaseModel):
     conv_algorithm: str = "direct"
     winograd_convolutions: int = 0
     weight_transforms: str = "per-call"
+    precision: Literal["fp32", "bf16"] = "fp32"
     build_seconds: float = 0.0
     created: str
 
@@ -136,6 +137,10 @@ class Artifact:
     def target_key(self) -> str:
         return self.manifest.target_key
 
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
     def size_bytes(self) -> int:
         """Bytes on disk of every file of the artifact."""
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
@@ -144,7 +149,8 @@ class Artifact:
         """The listing row of `sdaot artifacts`."""
         m = self.manifest
         return {"model": m.model, "component": m.component, "resolution": m.resolution, "batch": m.batch,
-                "target": m.target_key, "tuned": m.tuned, "size_bytes": self.size_bytes(), "path": str(self.path)}
+                "target": m.target_key, "precision": m.precision, "tuned": m.tuned, "size_bytes": self.size_bytes(),
+                "path": str(self.path)}
 
 
 def list_artifacts(root: Path | None = None) -> list[Artifact]:
@@ -163,6 +169,8 @@ def list_artifacts(root: Path | None = None) -> list[Artifact]:
 
 
 def artifact_dir(root: Path, model: str, component: str, resolution: Resolution | None, batch: int,
-                 target_key: str) -> Path:
-    """The folder of one (model, component, resolution, batch, target) artifact."""
-    return root / model / component / f"{resolution_key(resolution)}-b{batch}-{target_key}"
+                 target_key: str, precision: str = "fp32") -> Path:
+    """The folder of one (model, component, resolution, batch, target, precision) artifact; fp32 ones carry no
+    precision in their name (as before bf16 existed)."""
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return root / model / component / f"{resolution_key(resolution)}-b{batch}-{target_key}{suffix}"

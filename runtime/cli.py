@@ -12,6 +12,7 @@ import click
 from .errors import InvalidRequestError, SdaotError
 from .registry import all_models
 from .resolution import Resolution
+from .targets import PRECISIONS
 from .threads import use_all_cores
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -206,17 +207,20 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
 @click.option("--weight-transforms", type=click.Choice(["per-call", "once"]), default="per-call", show_default=True,
               help="Compute what derives from the weights alone (transposes, Winograd weight transforms) on every "
                    "call, or once at load and after a weight changes (faster, more memory).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="bf16: matmuls (linear layers, Winograd's products) in bf16 with fp32 sums, on CPUs with "
+                   "AVX-512 BF16; their artifacts sit beside the fp32 ones and are preferred when both exist.")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
             batch: str | None, target: str, controlnet: str | None, tune: bool, tune_budget: str,
             tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, conv_algorithm: str,
-            weight_transforms: str, root: Path | None) -> None:
+            weight_transforms: str, precision: str, root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
     from .artifacts import default_root
     from .loader import quiet_libraries
     from .registry import get_model
-    from .targets import resolve_target, target_key
+    from .targets import precision_target, resolve_target, target_key
     from .weights import load_weights
 
     try:
@@ -232,29 +236,30 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         batches = [int(b) for b in batch.split(",")] if batch else None
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
-    tvm_target = resolve_target(target)
+    tvm_target = precision_target(resolve_target(target), precision)
     root = root or default_root()
     tuning = tuning_options(tuning_db or root / "tuning" / target_key(tvm_target), tune, tune_budget,
                             trials_per_task, tune_tasks, tvm_target.kind.name, log=click.echo)
     compile_model(load_weights(spec, weights), sizes, components.split(",") if components else None, batches,
-                  tvm_target, root, controlnet, tuning, conv_algorithm, weight_transforms, log=click.echo)
+                  tvm_target, root, controlnet, tuning, conv_algorithm, weight_transforms, precision=precision,
+                  log=click.echo)
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--dir", "root", type=click.Path(path_type=Path), default=None, help="Artifacts folder.")
 def artifacts(as_json: bool, root: Path | None) -> None:
-    """List compiled artifacts: model, component, resolution, batch, target, tuned, size on disk."""
+    """List compiled artifacts: model, component, resolution, batch, target, precision, tuned, size on disk."""
     from .artifacts import list_artifacts
 
     rows = [a.summary() for a in list_artifacts(root)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    fmt = "{:<17} {:<15} {:<10} {:>5}  {:<14} {:<5} {:>9}"
-    click.echo(fmt.format("MODEL", "COMPONENT", "RESOLUTION", "BATCH", "TARGET", "TUNED", "SIZE"))
+    fmt = "{:<17} {:<15} {:<10} {:>5}  {:<16} {:<9} {:<5} {:>9}"
+    click.echo(fmt.format("MODEL", "COMPONENT", "RESOLUTION", "BATCH", "TARGET", "PRECISION", "TUNED", "SIZE"))
     for r in rows:
-        click.echo(fmt.format(r["model"], r["component"], r["resolution"], r["batch"], r["target"],
+        click.echo(fmt.format(r["model"], r["component"], r["resolution"], r["batch"], r["target"], r["precision"],
                               "yes" if r["tuned"] else "no", f"{r['size_bytes'] / 1e6:.1f} MB"))
     if not rows:
         click.echo("(none: build some with `sdaot compile --model SD1.5 --resolution 512x512`)")

@@ -65,6 +65,7 @@ class _Chunked:
     name: str
     backend: str
     batch: int
+    precision = "fp32"
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
 
@@ -100,6 +101,7 @@ class TvmComponent(_Chunked):
 
         use_all_cores()
         super().__init__(name, artifact, module)
+        self.precision = artifact.precision
         try:
             lib = tvm.runtime.load_module(str(artifact.path / "lib.so"))
             self.vm = relax.VirtualMachine(lib, tvm.cpu())

@@ -105,6 +105,8 @@ def runs_here(artifact: Artifact) -> bool:
 
 
 def _best(found: list[Artifact], component: str, resolution: str, total: int) -> Artifact | None:
-    """The largest fitting batch, built for this very CPU where there is a choice."""
+    """The largest fitting batch; where there is a choice, bf16 (compiled on purpose, for speed) over fp32, then
+    one built for this very CPU."""
     matches = [a for a in found if a.component == component and a.resolution == resolution and total % a.batch == 0]
-    return max(matches, key=lambda a: (a.batch, a.target_key == host_target_key()), default=None)
+    return max(matches, key=lambda a: (a.batch, a.precision == "bf16", a.target_key == host_target_key()),
+               default=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError
@@ -40,6 +41,46 @@ def target_json(target: Any) -> dict[str, Any]:
     return json.loads(str(target))
 
 
+PRECISIONS = ("fp32", "bf16")
+"""What `sdaot compile --precision` builds: fp32 throughout, or bf16 matmuls accumulating in fp32."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@cache
+def host_has_avx512_bf16() -> bool:
+    """Whether this machine's CPU has AVX-512 BF16. Read from the kernel's CPU flags: LLVM's name for a virtual
+    machine's CPU (`rocketlake` for a Sapphire Rapids guest here) can lack features the CPU has."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in text.splitlines())
+
+
+def precision_target(target: Any, precision: str) -> Any:
+    """The target to build `precision` for: for bf16, a CPU target whose instruction set has AVX-512 BF16 (this
+    host's target gains the feature when the CPU has it and LLVM's name for it does not list it).
+
+    Raises InvalidRequestError (param `precision`) where the target cannot run bf16 kernels."""
+    import tvm
+
+    if precision not in PRECISIONS:
+        raise InvalidRequestError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})",
+                                  param="precision")
+    if precision == "fp32":
+        return target
+    if target.kind.name != "llvm":
+        raise InvalidRequestError("bf16 is implemented for CPU targets with AVX-512 BF16 only", param="precision")
+    if "avx512bf16" in _isa_features(target):
+        return target
+    if target_key(target) == target_key(resolve_target("cpu")) and host_has_avx512_bf16():
+        config = target_json(target)
+        config["mattr"] = [*config.get("mattr", []), "+avx512bf16"]
+        return tvm.target.Target(config)
+    raise InvalidRequestError(f"bf16 needs a CPU with AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later); "
+                              f"target {target_key(target)} has none", param="precision")
+
+
 # Instruction-set features whose instructions generated kernels contain. LLVM's list for a CPU name also
 # holds tuning hints (fast-*), system instructions (clzero, wbnoinvd) and AMD's SSE4a, which no kernel
 # uses; comparing those would refuse an AMD build on an Intel machine for nothing.
@@ -56,7 +97,8 @@ def _isa_features(target: Any) -> frozenset[str]:
 
 @cache
 def _host_isa_features() -> frozenset[str]:
-    return _isa_features(resolve_target("cpu"))
+    features = _isa_features(resolve_target("cpu"))
+    return features | {"avx512bf16"} if host_has_avx512_bf16() else features
 
 
 @cache
@@ -68,12 +110,14 @@ def runs_on_this_cpu(key: str, target: str) -> bool:
     import tvm
 
     host = resolve_target("cpu")
-    if key == target_key(host):
-        return True
     try:
         built_for = tvm.target.Target(json.loads(target))
     except Exception:  # an unreadable target is one this machine cannot vouch for
         return False
+    if "avx512bf16" in _isa_features(built_for) and not host_has_avx512_bf16():
+        return False
+    if key == target_key(host):
+        return True
     if built_for.kind.name != "llvm" or _architecture(built_for) != _architecture(host):
         return False
     return _isa_features(built_for) <= _host_isa_features()

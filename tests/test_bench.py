@@ -19,7 +19,7 @@ def test_bench_reports_each_backend_with_ratios(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
     rows = {(r["component"], r["backend"]): r for r in report["results"]}
-    assert "no artifact under --artifacts" in rows[("vae_decoder", "tvm")]["status"]
+    assert "no fp32 artifact under --artifacts" in rows[("vae_decoder", "tvm")]["status"]
     for component in ("text_encoder", "vae_decoder"):
         timed = [rows[(component, b)] for b in ("tvm-untuned", "onnxruntime", "torch")]
         assert all(r["status"] == "ok" and len(r["runs"]) == 2 for r in timed)
@@ -65,8 +65,8 @@ def test_bench_runs_every_peer_as_its_users_run_it(tmp_path):
     report = json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())
     rows = {r["backend"]: r for r in report["results"]}
     assert all(rows[b]["status"] == "ok" for b in backends.split(",")), [r["status"] for r in rows.values()]
-    assert rows["openvino-f32"]["precision"] == "f32" and rows["onnxruntime"]["precision"] == "f32"
-    assert rows["openvino"]["precision"] in ("f32", "bf16", "f16")
+    assert rows["openvino-f32"]["precision"] == "fp32" and rows["onnxruntime"]["precision"] == "fp32"
+    assert rows["openvino"]["precision"] in ("fp32", "bf16", "fp16")
     assert rows["openvino-f32"]["rel_err_vs_torch"] < 1e-4 and rows["onnxruntime"]["rel_err_vs_torch"] < 1e-4
     assert rows["openvino"]["rel_err_vs_torch"] < 5e-2
     assert report["cpu_profile"] and "lanes" in report["cpu_profile"] and report["isa_limits"] == {}

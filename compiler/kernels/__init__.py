@@ -5,8 +5,8 @@ numbered steps, and every rule sizes its register blocks and tiles from the targ
 (profile.py) rather than from one machine. The rules come in two named lists:
 
 - `RULES_BEFORE_TUNING`: attention (attention.py), direct convolutions (convolution.py), matmuls
-  (matmul.py) and Winograd's transforms (winograd.py). They run at the machine's matmul peak, so they are
-  applied before tuning, which then leaves these kernels alone.
+  (matmul.py; in bf16: bf16_matmul.py) and Winograd's transforms (winograd.py). They run at the machine's
+  matmul peak, so they are applied before tuning, which then leaves these kernels alone.
 - `FALLBACK_RULES`: for kernels that have neither such a schedule nor a tuning record: dlight's row
   reduction, tiled transposes (transpose.py) and parallel loops for everything else (parallel.py).
 """
@@ -18,6 +18,7 @@ from typing import Any
 from tvm.s_tir import dlight
 
 from .attention import AttentionRule
+from .bf16_matmul import Bf16MatmulRule
 from .convolution import ConvolutionRule
 from .matmul import MatmulRule
 from .parallel import ParallelFallback
@@ -25,7 +26,7 @@ from .profile import CpuProfile, cpu_profile
 from .transpose import TiledTranspose
 from .winograd import WinogradTransformRule
 
-RULES_BEFORE_TUNING = (AttentionRule(), ConvolutionRule(), MatmulRule(), WinogradTransformRule())
+RULES_BEFORE_TUNING = (AttentionRule(), ConvolutionRule(), Bf16MatmulRule(), MatmulRule(), WinogradTransformRule())
 FALLBACK_RULES = (dlight.cpu.Reduction(), TiledTranspose(), ParallelFallback())
 
 __all__ = ["FALLBACK_RULES", "RULES_BEFORE_TUNING", "CpuProfile", "apply_fallback_rules",

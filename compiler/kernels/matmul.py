@@ -88,6 +88,20 @@ def panel_blocked(sch: Any, block: Any, output: Any, batch: list[Any], row: Any,
     """Steps 3-4 and the register block of step 2 for a matmul-shaped block (1x1 convolutions too): row
     chunks x packed column panels in parallel, register blocks of `tiles` within. `right` is the index among
     the block's reads of the matrix whose panels are packed; every loop extent must be constant."""
+    panel, row_inner, column_inner = panel_blocked_loops(sch, block, output, batch, row, column, reduction, right,
+                                                         tiles, profile)
+    sch.vectorize(sch.get_loops(panel)[-1])
+    sch.unroll(row_inner)
+    sch.vectorize(column_inner)
+    sch.decompose_reduction(block, reduction[0])
+
+
+def panel_blocked_loops(sch: Any, block: Any, output: Any, batch: list[Any], row: Any, column: Any,
+                        reduction: list[Any], right: int, tiles: tuple[int, int],
+                        profile: CpuProfile) -> tuple[Any, Any, Any]:
+    """The loops of `panel_blocked` with the accumulators and the epilogue in place, before the register
+    block's own loops get their unrolling and vectors: returns (panel packing block, register block's rows
+    loop, its columns loop), for a caller that computes the register block its own way."""
     rows, depth = static_extents(sch, [row, reduction[0]])
     blocks = register_blocks_per_chunk(rows, depth, tiles[0], profile)
     chunk, row_outer, row_inner = sch.split(row, [None, blocks, tiles[0]])
@@ -95,7 +109,6 @@ def panel_blocked(sch: Any, block: Any, output: Any, batch: list[Any], row: Any,
     sch.reorder(*batch, chunk, column_outer, row_outer, *reduction, row_inner, column_inner)
     panel = sch.cache_read(block, right, "global")
     sch.compute_at(panel, column_outer)
-    sch.vectorize(sch.get_loops(panel)[-1])
     accumulators = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(accumulators, row_outer)
     written = [accumulators]
@@ -103,13 +116,11 @@ def panel_blocked(sch: Any, block: Any, output: Any, batch: list[Any], row: Any,
         sch.reverse_compute_at(output, row_outer)
         written.append(output)
     sch.parallel(sch.fuse(*batch, chunk, column_outer))
-    sch.unroll(row_inner)
-    sch.vectorize(column_inner)
-    sch.decompose_reduction(block, reduction[0])
     for result in written:
         result_rows, result_columns = sch.get_loops(result)[-2:]
         sch.unroll(result_rows)
         sch.vectorize(result_columns)
+    return panel, row_inner, column_inner
 
 
 def right_hand_read(sch: Any, block: Any, positions: tuple[int, int, int] = (-3, -2, -1)) -> int | None:
