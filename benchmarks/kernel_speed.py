@@ -7,6 +7,9 @@ ISA_LIMIT_VARIABLES:
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \\
         python benchmarks/kernel_speed.py --target '{"kind": "llvm", "mcpu": "znver3"}'
+
+`--precision bf16` times the matmuls as `sdaot compile --precision bf16` builds them (operands rounded to
+bf16, fp32 sums, `vdpbf16ps`); torch's column stays fp32, and the difference column shows bf16's error.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from tvm import relax
 
 from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
 from sdaot.compiler.kernels.attention import fuse_attention
-from sdaot.runtime.targets import resolve_target
+from sdaot.compiler.kernels.bf16_matmul import Bf16Legalization
+from sdaot.runtime.targets import PRECISIONS, precision_target, resolve_target
 from sdaot.runtime.threads import use_all_cores
 
 
@@ -54,14 +58,14 @@ def attention(heads: int = 8, queries: int = 4096, keys: int = 4096, depth: int 
     return fuse_attention(_graph(build)), shapes, reference, flops
 
 
-def matmul(rows: int = 8192, inner: int = 320, columns: int = 1280):
-    shapes = [(rows, inner), (inner, columns)]
+def matmul(rows: int = 8192, inner: int = 320, columns: int = 1280, batch: tuple[int, ...] = ()):
+    shapes = [(*batch, rows, inner), (*batch, inner, columns)]
 
     def build():
         a, b = _var("a", shapes[0]), _var("b", shapes[1])
         return [a, b], lambda _: relax.op.matmul(a, b)
 
-    return _graph(build), shapes, torch.matmul, 2 * rows * inner * columns
+    return _graph(build), shapes, torch.matmul, 2 * rows * inner * columns * int(np.prod(batch))
 
 
 def convolution(channels: int = 320, size: int = 64, kernel: int = 3):
@@ -78,6 +82,8 @@ def convolution(channels: int = 320, size: int = 64, kernel: int = 3):
 
 
 KERNELS = {"attention 2x8x4096x4096x40": attention, "matmul 8192x320x1280": matmul,
+           "matmul 8192x1280x320": lambda: matmul(8192, 1280, 320),
+           "winograd products 6x6x320x320x512": lambda: matmul(320, 320, 512, (6, 6)),
            "conv3x3 2x320x64x64": convolution, "conv1x1 2x320x64x64": lambda: convolution(kernel=1),
            "conv3x3 2x1280x16x16": lambda: convolution(1280, 16)}
 
@@ -97,12 +103,13 @@ def main() -> None:
     parser.add_argument("--target", default="cpu", help="cpu (this machine) or a JSON TVM target")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default="", help="time only the kernels whose name contains this, e.g. attention")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     args = parser.parse_args()
     use_all_cores()
-    target = resolve_target(args.target)
+    target = precision_target(resolve_target(args.target), args.precision)
     if "num-cores" not in target.attrs:
         target = tvm.target.Target(json.loads(str(target)) | {"num-cores": torch.get_num_threads()})
-    print(f"target {target}: {cpu_profile(target).describe()}; torch CPU capability "
+    print(f"target {target} ({args.precision}): {cpu_profile(target).describe()}; torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
     print("| kernel | tvm s | tvm GFLOP/s | torch s | torch GFLOP/s | max rel. diff |\n|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -110,6 +117,8 @@ def main() -> None:
         if args.only not in name:
             continue
         graph, shapes, reference, flops = make()
+        if args.precision == "bf16":
+            graph = relax.transform.LegalizeOps(Bf16Legalization().legalization_map())(graph)
         with target:
             scheduled = apply_rules_before_tuning(relax.get_pipeline("zero")(graph), target)
         vm = relax.VirtualMachine(tvm.compile(apply_fallback_rules(scheduled, target), target=target), tvm.cpu())
