@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from sdaot.runtime.threads import use_all_cores
@@ -39,20 +40,35 @@ def pipelines():
 FAMILIES = ["SD1.5", "SD2", "SDXL1.0-base"]
 
 
+def run_compiles(commands: list[list[str]], logs: Path) -> list[str]:
+    """Run `sdaot compile` commands (their arguments after `compile`) as processes side by side, since one
+    compile keeps one core busy, and return their outputs; a failing one fails the caller with its output."""
+    logs.mkdir(parents=True, exist_ok=True)
+    running = []
+    for index, args in enumerate(commands):
+        log = (logs / f"compile-{index}.log").open("w")
+        running.append((subprocess.Popen([sys.executable, "-m", "sdaot.runtime.cli", "compile", *args],
+                                         stdout=log, stderr=subprocess.STDOUT), log))
+    outputs = []
+    for process, log in running:
+        code = process.wait()
+        log.close()
+        outputs.append(Path(log.name).read_text())
+        assert code == 0, outputs[-1]
+    return outputs
+
+
 @pytest.fixture(scope="session")
 def compiled_root(tmp_path_factory):
     """One real `sdaot compile` per family at 64x64 (all components), shared by the tests below. SD1.5 is built
     with Winograd convolutions and weights transformed once (so the LoRA tests cover their refresh), the
     others with the defaults (direct convolutions, per-call weight transforms)."""
     root = tmp_path_factory.mktemp("artifacts")
-    from sdaot.runtime.cli import main
-
-    for model in FAMILIES:
-        options = ["--conv-algorithm", "winograd", "--weight-transforms", "once"] if model == "SD1.5" else []
-        result = CliRunner().invoke(main, ["compile", "--model", model, "--weights", "tiny", "--resolution", "64x64",
-                                           *options, "--out", str(root)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        assert "[1/" in result.output and "built TVM library" in result.output
+    commands = [["--model", model, "--weights", "tiny", "--resolution", "64x64", "--out", str(root),
+                 *(["--conv-algorithm", "winograd", "--weight-transforms", "once"] if model == "SD1.5" else [])]
+                for model in FAMILIES]
+    for output in run_compiles(commands, tmp_path_factory.mktemp("compile-logs")):
+        assert "[1/" in output and "built TVM library" in output
     return root
 
 
