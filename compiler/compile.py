@@ -83,6 +83,14 @@ def plan_jobs(bundle: ModelBundle, resolutions: list[Resolution], components: li
     return jobs
 
 
+def build_target(target: Any, conv_algorithm: str = "direct", precision: str = "fp32") -> Any:
+    """The target the artifacts are built for, once the options are known to fit it (InvalidRequestError naming
+    the option otherwise): callers check this before loading any weights."""
+    if conv_algorithm != "direct" and target.kind.name != "llvm":
+        raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
+    return precision_target(target, precision)
+
+
 def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
                   batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
                   tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
@@ -90,9 +98,7 @@ def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components
                   log: Callable[[str], None] = print) -> list[Path]:
     """`sdaot compile`: every artifact of the model that the arguments ask for, one after another, after
     removing what killed compiles left in `root`. Returns the artifact folders."""
-    if conv_algorithm != "direct" and target.kind.name != "llvm":
-        raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
-    target = precision_target(target, precision)
+    target = build_target(target, conv_algorithm, precision)
     modules = compile_modules(bundle, controlnet)
     jobs = plan_jobs(bundle, resolutions, components, batches, modules)
     if remove_stale_temporaries(root):

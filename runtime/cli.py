@@ -220,11 +220,11 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     from .artifacts import default_root
     from .loader import quiet_libraries
     from .registry import get_model
-    from .targets import precision_target, resolve_target, target_key
+    from .targets import resolve_target, target_key
     from .weights import load_weights
 
     try:
-        from sdaot.compiler.compile import compile_model
+        from sdaot.compiler.compile import build_target, compile_model
         from sdaot.compiler.tuning import tuning_options
     except ImportError as exc:
         raise SdaotError(f"compiling needs the compile extra (pip install 'sdaot[compile]'): {exc}") from exc
@@ -236,7 +236,7 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         batches = [int(b) for b in batch.split(",")] if batch else None
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
-    tvm_target = precision_target(resolve_target(target), precision)
+    tvm_target = build_target(resolve_target(target), conv_algorithm, precision)
     root = root or default_root()
     tuning = tuning_options(tuning_db or root / "tuning" / target_key(tvm_target), tune, tune_budget,
                             trials_per_task, tune_tasks, tvm_target.kind.name, log=click.echo)
