@@ -38,7 +38,8 @@ class Cancelled(Exception):
 class Job:
     """One planned request on its way through the queue; the worker thread updates it, the routes read it.
 
-    `step_log` holds (step, steps, elapsed s, ETA s) per finished sampler step, for the events stream."""
+    `step_log` holds (step, steps, elapsed s, ETA s) per finished sampler step, for the events stream;
+    `answer` the finished generation's answer once encoded, so that every later read returns it as it is."""
 
     id: str
     owner: str
@@ -53,6 +54,7 @@ class Job:
     step_times: list[float] = field(default_factory=list)
     step_log: list[tuple[int, int, float, float | None]] = field(default_factory=list)
     result: GenerationResult | None = None
+    answer: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     webhook_url: str | None = None
     output_format: str = "png"

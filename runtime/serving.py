@@ -180,7 +180,9 @@ def job_content(server: Server, job: Job) -> dict[str, Any]:
     if job.status == "running":
         content["eta"] = job.eta()
     if job.status == "succeeded" and job.result is not None:
-        content["result"] = generation_content(job.result, job.pipe.spec.name, job.output_format)
+        if job.answer is None:
+            job.answer = generation_content(job.result, job.pipe.spec.name, job.output_format)
+        content["result"] = job.answer
     if job.status == "failed":
         content["error"] = job.error
     return content
