@@ -98,6 +98,24 @@ ISA_TARGET_SPECS = _isa_targets()
 ISA_TARGETS = list(ISA_TARGET_SPECS)
 
 
+def matmul_graph(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool):
+    """A Relax module `main(a, b[, c]) = a @ b (+ c)`, c a bias over the columns."""
+    from tvm import relax
+
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    c = relax.Var("c", relax.TensorType((b_shape[-1],), "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [a, b, c] if bias else [a, b]):
+        with builder.dataflow():
+            y = builder.emit(relax.op.matmul(a, b))
+            if bias:
+                y = builder.emit(relax.op.add(y, c))
+            out = builder.emit_output(y)
+        builder.emit_func_output(out)
+    return builder.get()
+
+
 def isa_target(name: str):
     """The TVM target of one ISA_TARGETS entry."""
     import tvm

@@ -9,7 +9,7 @@ import pytest
 import torch
 import tvm
 from click.testing import CliRunner
-from conftest import AVX2_TARGET
+from conftest import AVX2_TARGET, matmul_graph
 from tvm import relax, te
 
 from sdaot.compiler.fast_math import use_fast_math
@@ -38,19 +38,8 @@ def test_rounding_to_bf16_matches_torch_ties_to_even():
 
 
 def bf16_graph(a_shape, b_shape, bias, target):
-    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
-    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
-    c = relax.Var("c", relax.TensorType((b_shape[-1],), "float32"))
-    builder = relax.BlockBuilder()
-    with builder.function("main", [a, b, c] if bias else [a, b]):
-        with builder.dataflow():
-            y = builder.emit(relax.op.matmul(a, b))
-            if bias:
-                y = builder.emit(relax.op.add(y, c))
-            out = builder.emit_output(y)
-        builder.emit_func_output(out)
     legalization = Bf16Legalization()
-    graph = use_fast_math(builder.get(), legalization.legalization_map())
+    graph = use_fast_math(matmul_graph(a_shape, b_shape, bias), legalization.legalization_map())
     with target:
         graph = relax.get_pipeline("zero")(graph)
     return graph, legalization.rewritten

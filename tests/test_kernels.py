@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from conftest import ISA_TARGETS, isa_target
+from conftest import ISA_TARGETS, isa_target, matmul_graph
 from tvm import relax, te
 
 from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
@@ -147,19 +147,8 @@ def test_convolutions_get_the_register_blocked_schedule_and_stay_exact(shape, ou
 
 def fused_matmul(a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias: bool,
                  target: tvm.target.Target) -> tvm.IRModule:
-    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
-    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
-    c = relax.Var("c", relax.TensorType((b_shape[-1],), "float32"))
-    builder = relax.BlockBuilder()
-    with builder.function("main", [a, b, c] if bias else [a, b]):
-        with builder.dataflow():
-            y = builder.emit(relax.op.matmul(a, b))
-            if bias:
-                y = builder.emit(relax.op.add(y, c))
-            out = builder.emit_output(y)
-        builder.emit_func_output(out)
     with target:
-        return relax.get_pipeline("zero")(builder.get())
+        return relax.get_pipeline("zero")(matmul_graph(a_shape, b_shape, bias))
 
 
 @pytest.mark.parametrize("isa", ISA_TARGETS)

@@ -29,8 +29,8 @@ from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from ..relax_shapes import static_shape
-from .blocking import KernelRule, inline_around, static_extents
-from .matmul import matmul_tiles, panel_blocked_loops, right_hand_read
+from .blocking import KernelRule, static_extents
+from .matmul import find_matmul, matmul_tiles, panel_blocked_loops, right_hand_read
 from .profile import CpuProfile
 
 LEFT = "bf16_left"
@@ -159,13 +159,8 @@ class Bf16MatmulRule(KernelRule):
     """A function holding one bf16 matmul (from Bf16Legalization), its roundings and its epilogue."""
 
     def schedule(self, sch: Any, profile: CpuProfile) -> bool:
-        if not profile.avx512_bf16:
-            return False
-        for batch_dims in (0, 1, 2):
-            found = inline_around(sch, BLOCK_NAME, "S" * (batch_dims + 2) + "R")
-            if found is not None:
-                break
-        else:
+        found = find_matmul(sch, BLOCK_NAME) if profile.avx512_bf16 else None
+        if found is None:
             return False
         matmul, output = found
         producers = {sch.get(p).name_hint: p for p in sch.get_producers(matmul)}

@@ -60,15 +60,22 @@ def register_blocks_per_chunk(rows: int, reduction: int, block_rows: int, profil
     return next(b for b in range(max(1, fits // block_rows), 0, -1) if blocks % b == 0)
 
 
+def find_matmul(sch: Any, name_prefix: str) -> tuple[Any, Any] | None:
+    """Step 1 for a matmul block named `name_prefix`* with up to two batch dimensions: (matmul block, output
+    block) with everything else element-wise inlined, or None when the function holds no such matmul."""
+    for batch_dims in (0, 1, 2):
+        found = inline_around(sch, name_prefix, "S" * (batch_dims + 2) + "R")
+        if found is not None:
+            return found
+    return None
+
+
 class MatmulRule(KernelRule):
     """A function holding one (batched) matmul and its element-wise epilogue."""
 
     def schedule(self, sch: Any, profile: CpuProfile) -> bool:
-        for batch_dims in (0, 1, 2):
-            found = inline_around(sch, BLOCK_NAME, "S" * (batch_dims + 2) + "R")
-            if found is not None:
-                break
-        else:
+        found = find_matmul(sch, BLOCK_NAME)
+        if found is None:
             return False
         matmul, output = found
         if sch.get_producers(matmul):
