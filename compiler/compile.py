@@ -91,24 +91,44 @@ def build_target(target: Any, conv_algorithm: str = "direct", precision: str = "
     return precision_target(target, precision)
 
 
-def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
-                  batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
-                  tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
-                  weight_transforms: str = "per-call", precision: str = "fp32",
-                  log: Callable[[str], None] = print) -> list[Path]:
-    """`sdaot compile`: every artifact of the model that the arguments ask for, one after another, after
-    removing what killed compiles left in `root`. Returns the artifact folders."""
+@dataclass(frozen=True)
+class CompilePlan:
+    """What one `sdaot compile` builds: the checked target, the modules and the jobs, in order."""
+
+    target: Any
+    modules: dict[str, torch.nn.Module]
+    jobs: list[CompileJob]
+
+
+def plan_compile(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
+                 batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
+                 conv_algorithm: str = "direct", precision: str = "fp32",
+                 log: Callable[[str], None] = print) -> CompilePlan:
+    """Check the options, plan the jobs and remove what killed compiles left in `root`: the start of every
+    compile, local or on a cluster."""
     target = build_target(target, conv_algorithm, precision)
     modules = compile_modules(bundle, controlnet)
     jobs = plan_jobs(bundle, resolutions, components, batches, modules)
     if remove_stale_temporaries(root):
         log("removed temporary folders left by an interrupted compile")
     log(f"compiling {len(jobs)} {precision} artifacts of {bundle.spec.name} for {target_key(target)} into {root}")
+    return CompilePlan(target, modules, jobs)
+
+
+def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
+                  batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
+                  tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
+                  weight_transforms: str = "per-call", precision: str = "fp32",
+                  log: Callable[[str], None] = print) -> list[Path]:
+    """`sdaot compile`: every artifact of the model that the arguments ask for, one after another. Returns the
+    artifact folders."""
+    plan = plan_compile(bundle, resolutions, components, batches, target, root, controlnet, conv_algorithm,
+                        precision, log)
     paths = []
-    for i, job in enumerate(jobs, 1):
-        log(f"[{i}/{len(jobs)}] {job.describe()}")
+    for i, job in enumerate(plan.jobs, 1):
+        log(f"[{i}/{len(plan.jobs)}] {job.describe()}")
         start = time.perf_counter()
-        paths.append(compile_job(bundle, job, target, root, log=log, modules=modules, tuning=tuning,
+        paths.append(compile_job(bundle, job, plan.target, root, log=log, modules=plan.modules, tuning=tuning,
                                  conv_algorithm=conv_algorithm, weight_transforms=weight_transforms,
                                  precision=precision))
         log(f"  done in {time.perf_counter() - start:.1f} s -> {paths[-1]}")

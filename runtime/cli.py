@@ -210,12 +210,15 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="bf16: matmuls (linear layers, Winograd's products) in bf16 with fp32 sums, on CPUs with "
                    "AVX-512 BF16; their artifacts sit beside the fp32 ones and are preferred when both exist.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Build each job as a task on a Ray cluster (ADDRESS, else RAY_ADDRESS or a local one); every "
+                   "node must see --out at the same path.")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
             batch: str | None, target: str, controlnet: str | None, tune: bool, tune_budget: str,
             tuning_db: Path | None, trials_per_task: int, tune_tasks: int | None, conv_algorithm: str,
-            weight_transforms: str, precision: str, root: Path | None) -> None:
+            weight_transforms: str, precision: str, ray_address: str | None, root: Path | None) -> None:
     """Export each component to ONNX, import it into TVM Relax and build it per resolution and batch."""
     from .artifacts import default_root
     from .loader import quiet_libraries
@@ -224,7 +227,7 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     from .weights import load_weights
 
     try:
-        from sdaot.compiler.compile import build_target, compile_model
+        from sdaot.compiler.compile import build_target, compile_model, plan_compile
         from sdaot.compiler.tuning import tuning_options
     except ImportError as exc:
         raise SdaotError(f"compiling needs the compile extra (pip install 'sdaot[compile]'): {exc}") from exc
@@ -236,10 +239,24 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         batches = [int(b) for b in batch.split(",")] if batch else None
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
+    if ray_address is not None and tune:
+        raise InvalidRequestError("tuning is not distributed yet: tune with a local compile (its records then "
+                                  "apply to every build, on Ray too, through --tuning-db)", param="ray")
     tvm_target = build_target(resolve_target(target), conv_algorithm, precision)
     root = root or default_root()
-    tuning = tuning_options(tuning_db or root / "tuning" / target_key(tvm_target), tune, tune_budget,
+    tuning = tuning_options((tuning_db or root / "tuning" / target_key(tvm_target)).resolve(), tune, tune_budget,
                             trials_per_task, tune_tasks, tvm_target.kind.name, log=click.echo)
+    if ray_address is not None:
+        from sdaot.compiler.ray_compile import RemoteBuild, compile_on_ray
+
+        bundle = load_weights(spec, weights)
+        plan = plan_compile(bundle, sizes, components.split(",") if components else None, batches, tvm_target, root,
+                            controlnet, conv_algorithm, precision, log=click.echo)
+        source = str(Path(weights).resolve()) if Path(weights).exists() else weights
+        build = RemoteBuild(spec.name, source, json.loads(str(plan.target)), str(root.resolve()), controlnet,
+                            tuning, conv_algorithm, weight_transforms, precision)
+        compile_on_ray(plan, build, ray_address, log=click.echo)
+        return
     compile_model(load_weights(spec, weights), sizes, components.split(",") if components else None, batches,
                   tvm_target, root, controlnet, tuning, conv_algorithm, weight_transforms, precision=precision,
                   log=click.echo)

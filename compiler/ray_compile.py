@@ -1,0 +1,113 @@
+"""`sdaot compile --ray`: the jobs of a compile fanned out over a Ray cluster, one build per node at a time.
+
+A model's (component, resolution, batch) builds are independent, and at full size each keeps a core busy
+for minutes, so a cluster builds them side by side. Each job is a Ray task that reserves as many CPUs as
+the smallest node has: two builds never share a node, and a build's timings are those of a whole node.
+The task loads the model's weights itself (from the same `--weights` source), applies the tuning
+database's records as a local build does (tuning itself stays local) and writes its artifact with the
+local compile's atomic rename, so every node must see the artifact root and the database at the same
+paths (a shared filesystem); the layout is then exactly a local compile's. The driver prints a line per finished job. A
+task that raises is retried once (Ray's own retry); a job that fails again is reported by name once the
+others have finished, and the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdaot.runtime.errors import InvalidRequestError, SdaotError
+
+from .compile import CompileJob, CompilePlan, compile_job, compile_modules
+from .tuning import TuningOptions
+
+RETRIES = 1
+
+
+@dataclass(frozen=True)
+class RemoteBuild:
+    """What every task needs besides its job: where the weights come from (a path as an absolute one: a worker's
+    working folder is not the driver's) and how to build."""
+
+    model: str
+    weights: str
+    target: dict[str, Any]
+    root: str
+    controlnet: str | None = None
+    tuning: TuningOptions | None = None
+    conv_algorithm: str = "direct"
+    weight_transforms: str = "per-call"
+    precision: str = "fp32"
+
+
+def build_on_node(build: RemoteBuild, job: CompileJob) -> tuple[str, float, str]:
+    """One job on a cluster node: (artifact folder, seconds, node's host name)."""
+    import socket
+
+    import tvm
+
+    from sdaot.runtime.loader import quiet_libraries
+    from sdaot.runtime.registry import get_model
+    from sdaot.runtime.weights import load_weights
+
+    quiet_libraries()
+    start = time.perf_counter()
+    bundle = load_weights(get_model(build.model), build.weights)
+    path = compile_job(bundle, job, tvm.target.Target(build.target), Path(build.root), log=lambda _: None,
+                       modules=compile_modules(bundle, build.controlnet), tuning=build.tuning,
+                       conv_algorithm=build.conv_algorithm,
+                       weight_transforms=build.weight_transforms, precision=build.precision)
+    return str(path), time.perf_counter() - start, socket.gethostname()
+
+
+def connect(address: str | None) -> Any:
+    """The `ray` module, connected: to `address`, or where `ray.init()` looks (RAY_ADDRESS, a cluster started on
+    this machine, else a new local one); a session already connected is used as it is."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise SdaotError(f"--ray needs the ray extra (pip install 'sdaot[ray]'): {exc}") from exc
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or None, logging_level="WARNING", include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise InvalidRequestError(f"cannot reach a Ray cluster at {address or 'the default address'}: {exc}",
+                                      param="ray") from exc
+    return ray
+
+
+def node_cpus(ray: Any) -> int:
+    """The CPUs of the smallest live node: what each build reserves."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(min(cpus, default=1)))
+
+
+def compile_on_ray(plan: CompilePlan, build: RemoteBuild, address: str | None,
+                   log: Callable[[str], None] = print) -> list[Path]:
+    """Run the plan's jobs as Ray tasks; returns the artifact folders, in the plan's order."""
+    ray = connect(address)
+    cpus = node_cpus(ray)
+    task = ray.remote(build_on_node).options(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=True)
+    log(f"on Ray: {len(ray.nodes())} node(s), each build reserving {cpus} CPUs")
+    pending = {task.remote(build, job): job for job in plan.jobs}
+    paths: dict[CompileJob, Path] = {}
+    failed: dict[CompileJob, str] = {}
+    while pending:
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(ready)
+        finished = len(paths) + len(failed) + 1
+        try:
+            path, seconds, node = ray.get(ready)
+        except ray.exceptions.RayError as exc:
+            failed[job] = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
+            log(f"[{finished}/{len(plan.jobs)}] {job.describe()} failed after {RETRIES} retry: {failed[job]}")
+            continue
+        paths[job] = Path(path)
+        log(f"[{finished}/{len(plan.jobs)}] {job.describe()} done in {seconds:.1f} s on {node} -> {path}")
+    if failed:
+        raise SdaotError(f"{len(failed)} of {len(plan.jobs)} builds failed: "
+                         + "; ".join(f"{job.describe()}: {why}" for job, why in failed.items()))
+    return [paths[job] for job in plan.jobs]
