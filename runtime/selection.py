@@ -98,8 +98,10 @@ class ComponentSelector:
 def runs_here(artifact: Artifact) -> bool:
     """Whether the artifact's library runs on this machine (False when TVM cannot be imported)."""
     try:
-        from .targets import runs_on_this_cpu
+        from .targets import host_has_avx512_bf16, runs_on_this_cpu
     except ImportError:
+        return False
+    if artifact.precision == "bf16" and not host_has_avx512_bf16():
         return False
     return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest.target, sort_keys=True))
 
