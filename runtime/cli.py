@@ -287,7 +287,8 @@ def artifacts(as_json: bool, root: Path | None) -> None:
 @click.option("--weights", default="random", show_default=True, help="random = full-size architecture.")
 @click.option("--resolution", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
 @click.option("--backends", default="tvm,onnxruntime,openvino,openvino-f32,torch", show_default=True,
-              help="Any of tvm, tvm-untuned, onnxruntime-artifact (the runtime's onnxruntime backend), the peers "
+              help="Any of tvm, tvm-bf16 (the --precision bf16 artifact), tvm-untuned, onnxruntime-artifact (the "
+                   "runtime's onnxruntime backend), the peers "
                    "onnxruntime, openvino, openvino-f32 (plain exports as their users run them), torch, "
                    "torch-compile.")
 @click.option("--components", default="unet,vae_decoder,text_encoder", show_default=True)
