@@ -376,12 +376,28 @@ def _is_loopback(host: str) -> bool:
               help="Finished jobs kept at most; the oldest are dropped first.")
 @click.option("--webhook-allow", default="", help="Comma-separated hosts webhooks may be sent to (default: any "
                                                   "http(s) host; set it where clients are not trusted).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Serve through Ray Serve on a cluster (ADDRESS, else RAY_ADDRESS or a new local one): one "
+                   "deployment per model, --workers its max_ongoing_requests, --queue-size Ray's queue for it.")
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas per model.")
+@click.option("--min-replicas", type=int, default=1, show_default=True,
+              help="With --ray and --max-replicas: autoscaling's lower bound.")
+@click.option("--max-replicas", type=int, default=None,
+              help="With --ray: autoscale each model between --min-replicas and this (instead of --replicas).")
+@click.option("--target-ongoing-requests", type=float, default=1.0, show_default=True,
+              help="With --ray and --max-replicas: ongoing requests per replica that autoscaling aims at.")
+@click.option("--replica-cpus", type=float, default=1.0, show_default=True,
+              help="With --ray: CPUs each model replica reserves (its torch threads).")
+@click.option("--replica-gpus", type=float, default=0.0, show_default=True,
+              help="With --ray: GPUs each model replica reserves.")
 def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
           queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool,
           lora_dir: Path | None, controlnet_dir: Path | None, max_queued_jobs: int, keep_finished_s: float,
-          keep_finished: int, webhook_allow: str) -> None:
+          keep_finished: int, webhook_allow: str, ray_address: str | None, replicas: int, min_replicas: int,
+          max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
+          replica_gpus: float) -> None:
     """Serve the web page at /, POST /v1/image/generation (the reference API), the jobs API (/v1/jobs), plus
-    /v1/models, /healthz, /readyz, /metrics."""
+    /v1/models, /healthz, /readyz, /metrics; with --ray, the same API through Ray Serve."""
     import logging
 
     from .registry import get_model
@@ -410,11 +426,22 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
     if max_queued_jobs < 0 or keep_finished < 0 or keep_finished_s < 0:
         raise InvalidRequestError("must be >= 0", param="max_queued_jobs, keep_finished, keep_finished_count")
     names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
+    if ray_address is None and workers > len(names):
+        click.echo(f"--workers {workers} with {len(names)} model(s): generations of one model run one at a time "
+                   f"(its weights hold one LoRA set), so at most {len(names)} run at once", err=True)
     config = ServerConfig(models=names, weights=weights, artifacts_root=artifacts_root, api_keys=keys,
                           workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir,
                           controlnet_folder=controlnet_dir, max_queued_jobs=max_queued_jobs,
                           keep_finished_s=keep_finished_s, keep_finished=keep_finished,
                           webhook_allow=[h.strip() for h in webhook_allow.split(",") if h.strip()])
+    if ray_address is not None:
+        try:
+            from .ray_app import Scaling, build_app, serve_on_ray
+        except ImportError as exc:
+            raise SdaotError(f"--ray needs the ray extra (pip install 'sdaot[ray]'): {exc}") from exc
+        scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, replica_gpus)
+        serve_on_ray(build_app(config, scaling), ray_address, host, port, say=click.echo)
+        return
     uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 

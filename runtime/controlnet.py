@@ -77,6 +77,14 @@ def _tiny_folder(bundle: ModelBundle, name: str) -> Path:
     return build_once(folder, "config.json", lambda tmp: _build(bundle, "tiny", name).save_pretrained(tmp))
 
 
+def controlnet_dir(explicit: Path | None = None) -> Path | None:
+    """The folder of ControlNet downloads: --controlnet-dir, else SDAOT_CONTROLNET_DIR, else none."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("SDAOT_CONTROLNET_DIR")
+    return Path(env) if env else None
+
+
 def load_controlnet(bundle: ModelBundle, name: str, folder: Path | None = None) -> ControlNetModel:
     """The ControlNet `name` for this model, from the same kind of source as the model's weights."""
     spec: ModelSpec = bundle.spec
@@ -86,7 +94,7 @@ def load_controlnet(bundle: ModelBundle, name: str, folder: Path | None = None) 
     elif bundle.source == "full-random":
         model = _build(bundle, "full", name)
     else:
-        root = folder or (Path(os.environ["SDAOT_CONTROLNET_DIR"]) if "SDAOT_CONTROLNET_DIR" in os.environ else None)
+        root = controlnet_dir(folder)
         location = root / name if root else None
         if location is None or not (location / "config.json").exists():
             raise WeightsNotFoundError(

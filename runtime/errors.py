@@ -17,6 +17,10 @@ class SdaotError(Exception):
     def __str__(self) -> str:
         return f"{self.param}: {self.message}" if self.param else self.message
 
+    def __reduce__(self) -> tuple:
+        """Pickled with its field, so that it crosses process boundaries (Ray) whole."""
+        return type(self), (self.message, self.param)
+
     def content(self) -> dict[str, object]:
         """This error in the API's error shape."""
         return error_content(self.status_code, self.message, self.param, self.error_type)
@@ -45,6 +49,14 @@ class ServiceUnavailableError(SdaotError):
 
     status_code = 503
     error_type = "service_unavailable"
+
+
+class BusyError(SdaotError):
+    """Every slot for this kind of work is taken; the answer carries Retry-After."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    retry_after_s = 5
 
 
 class BackendUnavailableError(SdaotError):

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .admission import Admission
-from .errors import SdaotError, error_content
+from .errors import BusyError, SdaotError, error_content
 from .pipeline import GenerationResult, Pipeline, Plan
 
 log = logging.getLogger("sdaot.queue")
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
+BUSY_RETRY_S = 1.0
 
 
 class Cancelled(Exception):
@@ -39,7 +40,8 @@ class Job:
     """One planned request on its way through the queue; the worker thread updates it, the routes read it.
 
     `step_log` holds (step, steps, elapsed s, ETA s) per finished sampler step, for the events stream;
-    `answer` the finished generation's answer once encoded, so that every later read returns it as it is."""
+    `answer` the finished generation's answer once encoded, so that every later read returns it as it is;
+    `waits_when_busy` whether it waits for a busy pipeline (jobs) or fails with 429 (synchronous requests)."""
 
     id: str
     owner: str
@@ -60,6 +62,7 @@ class Job:
     output_format: str = "png"
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future | None = None
+    waits_when_busy: bool = False
 
     @property
     def done(self) -> bool:
@@ -113,7 +116,7 @@ class GenerationQueue:
         """Queue a job listed under `owner`; None when the maximum of unfinished work is reached. Jobs may wait
         in a longer queue than synchronous requests, which then get 429 until the jobs ahead have run."""
         job = Job("job_" + secrets.token_hex(12), owner, pipe, plan, webhook_url=webhook_url,
-                  output_format=output_format)
+                  output_format=output_format, waits_when_busy=True)
         with self._lock:
             self._expire()
             self._jobs[job.id] = job
@@ -182,7 +185,7 @@ class GenerationQueue:
                 raise Cancelled()
 
         try:
-            result = job.pipe.generate(job.plan, progress=progress)
+            result = self._generate(job, progress)
         except Cancelled:
             self._finish(job, "cancelled")
             raise
@@ -199,6 +202,21 @@ class GenerationQueue:
             self._on_step(backend, later - earlier)
         self._finish(job, "succeeded")
         return result
+
+    def _generate(self, job: Job, progress: Callable[[int, int], None]) -> GenerationResult:
+        """Run the job's generation. A listed job whose pipeline is busy elsewhere (a remote one: every replica
+        of the model is full) waits, queued, and tries again until it runs or is cancelled; a synchronous
+        request gets the BusyError (its client retries)."""
+        while True:
+            try:
+                return job.pipe.generate(job.plan, progress=progress)
+            except BusyError:
+                if not job.waits_when_busy:
+                    raise
+            job.status = "queued"
+            if job.cancel.wait(BUSY_RETRY_S):
+                raise Cancelled()
+            job.status = "running"
 
     def _finish(self, job: Job, status: Status, error: dict[str, Any] | None = None) -> None:
         if job.done:

@@ -115,6 +115,21 @@ def read_lora(path: Path, is_sdxl: bool) -> tuple[dict[str, LoraDelta], list[str
     return deltas, [k for k in tensors if k not in paired]
 
 
+def validate_loras(folder: Path | None, loras: dict[str, float]) -> dict[str, float]:
+    """Canonical names and checked weights; unknown names list the available ones."""
+    known = {n.lower(): n for n in available_loras(folder)}
+    checked = {}
+    for name, weight in loras.items():
+        if name.lower() not in known:
+            where = folder or "the LoRA dir (--lora-dir / SDAOT_LORA_DIR)"
+            offered = ", ".join(known.values()) or f"none (no .safetensors files in {where})"
+            raise InvalidRequestError(f"unknown LoRA {name!r}; available: {offered}", param="loras")
+        if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+            raise InvalidRequestError(f"LoRA {name!r} weight {weight} is outside [-4, 4]", param="loras")
+        checked[known[name.lower()]] = float(weight)
+    return checked
+
+
 class LoraMerger:
     """Keeps a model's weights at 'base + the requested LoRA set', switching sets between requests."""
 
@@ -131,20 +146,6 @@ class LoraMerger:
     def names(self) -> list[str]:
         """LoRA names this model can use."""
         return list(available_loras(self.folder))
-
-    def validate(self, loras: dict[str, float]) -> dict[str, float]:
-        """Canonical names and checked weights; unknown names list the available ones."""
-        known = {n.lower(): n for n in available_loras(self.folder)}
-        checked = {}
-        for name, weight in loras.items():
-            if name.lower() not in known:
-                where = self.folder or "the LoRA dir (--lora-dir / SDAOT_LORA_DIR)"
-                offered = ", ".join(known.values()) or f"none (no .safetensors files in {where})"
-                raise InvalidRequestError(f"unknown LoRA {name!r}; available: {offered}", param="loras")
-            if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
-                raise InvalidRequestError(f"LoRA {name!r} weight {weight} is outside [-4, 4]", param="loras")
-            checked[known[name.lower()]] = float(weight)
-        return checked
 
     def describe(self) -> list[dict]:
         """Every LoRA file with how many of its updates match this model's weights (read once per file);

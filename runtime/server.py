@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .body_limit import BodyLimit
-from .errors import SdaotError
+from .errors import BusyError, SdaotError
+from .pipeline import Pipeline
 from .routers import generation, health, jobs, listing
 from .serving import Server, ServerConfig, error_body
 
@@ -59,9 +60,11 @@ class ApiKeyGate:
             self.server.requests.labels(str(status[0])).inc()
 
 
-def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
-    """The FastAPI app; models load in a background thread so /healthz answers at once."""
-    server = Server(config)
+def create_app(config: ServerConfig, load_in_background: bool = True,
+               open_pipeline: Callable[[str], Pipeline] | None = None) -> FastAPI:
+    """The FastAPI app; models load in a background thread so /healthz answers at once. `open_pipeline`
+    replaces loading a model here (Ray Serve's ingress passes stand-ins for the model replicas)."""
+    server = Server(config, open_pipeline)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -93,7 +96,10 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.exception_handler(SdaotError)
     async def _sdaot(request: Request, exc: SdaotError):
-        return error_body(exc.status_code, exc.message, exc.param, exc.error_type)
+        response = error_body(exc.status_code, exc.message, exc.param, exc.error_type)
+        if isinstance(exc, BusyError):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,23 +50,33 @@ class ServerConfig:
     webhook_allow: list[str] = field(default_factory=list)
 
 
+    def serves_refiner(self, model: str) -> bool:
+        """Whether `model` is served with its refiner: an SDXL base with a built-in weight source."""
+        return get_model(model).refiner is not None and self.weights in BUILT_IN_SOURCES
+
+
+def load_served_pipeline(name: str, config: ServerConfig) -> Pipeline:
+    """Model `name`'s pipeline loaded in this process as `config` serves it (with the refiner where the model
+    has one and the weight source provides it)."""
+    from .loader import load_pipeline
+
+    return load_pipeline(name, config.weights, with_refiner=config.serves_refiner(name),
+                         artifacts_root=config.artifacts_root, lora_folder=config.lora_folder,
+                         controlnet_folder=config.controlnet_folder)
+
+
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
     """The reference API's error shape as an HTTP answer."""
     return JSONResponse(error_content(status, message, param, kind), status_code=status)
 
 
-def busy(message: str) -> JSONResponse:
-    """429 with Retry-After: every slot for this kind of work is taken."""
-    response = error_body(429, message, None)
-    response.headers["Retry-After"] = "5"
-    return response
-
-
 class Server:
-    """The app state: pipelines, the generation queue and the metrics."""
+    """The app state: pipelines, the generation queue and the metrics. `open_pipeline` makes the pipeline of a
+    served model (by default loaded here; under Ray Serve a stand-in for the model's replicas)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, open_pipeline: Callable[[str], Pipeline] | None = None) -> None:
         self.config = config
+        self.open_pipeline = open_pipeline or (lambda name: load_served_pipeline(name, config))
         self.pipelines: dict[str, Pipeline] = {}
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -82,24 +93,14 @@ class Server:
                                      on_finished=self._job_finished)
 
     def load(self) -> None:
-        """Load every configured model (with the refiner where one exists for SDXL and the source allows)."""
-        from .loader import load_pipeline
-
+        """Open every configured model's pipeline; a failure is kept as the reason /readyz and requests give."""
         try:
             for name in self.config.models:
                 spec = get_model(name)
-                refiner = spec.refiner is not None and self.config.weights in BUILT_IN_SOURCES
-                self.pipelines[spec.name] = load_pipeline(spec.name, self.config.weights, with_refiner=refiner,
-                                                          artifacts_root=self.config.artifacts_root,
-                                                          lora_folder=self.config.lora_folder,
-                                                          controlnet_folder=self.config.controlnet_folder)
-                compiled = self.pipelines[spec.name].selector.compiled_resolutions()
+                self.pipelines[spec.name] = self.open_pipeline(spec.name)
+                compiled = self.pipelines[spec.name].summary()["compiled_resolutions"]
                 log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
                          ", ".join(compiled) or "none compiled")
-            if self.config.workers > len(self.pipelines):
-                log.warning("--workers %d with %d model(s): generations of one model run one at a time (its "
-                            "weights hold one LoRA set), so at most %d run at once", self.config.workers,
-                            len(self.pipelines), len(self.pipelines))
             self.ready.set()
         except Exception as exc:  # any load failure must surface as 503 + message, not a silent thread death
             self.load_error = f"cannot load models: {exc}"

@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..api_schema import ApiGenerationRequest, GenerationResponse, error_responses
+from ..errors import BusyError
 from ..generation_queue import Cancelled, Job
-from ..serving import Server, ServerDep, busy, error_body, generation_content, plan_request
+from ..serving import Server, ServerDep, error_body, generation_content, plan_request
 
 router = APIRouter()
 
@@ -23,8 +24,8 @@ async def generation(body: ApiGenerationRequest, request: Request, server: Serve
     pipe, plan = await plan_request(server, body)
     job = server.queue.run_now(pipe, plan, server.owner(request))
     if job is None:
-        return busy("the server is busy: every worker and queue slot is taken; retry later, or POST the same "
-                    "body to /v1/jobs to wait in the job queue")
+        raise BusyError("the server is busy: every worker and queue slot is taken; retry later, or POST the same "
+                        "body to /v1/jobs to wait in the job queue")
     start = time.perf_counter()
     watcher = asyncio.ensure_future(_cancel_when_client_leaves(request, server, job))
     try:

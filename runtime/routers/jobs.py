@@ -13,9 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..api_schema import JobAccepted, JobRequest, JobState, error_responses
-from ..errors import NotFoundError
+from ..errors import BusyError, NotFoundError
 from ..generation_queue import Job
-from ..serving import Server, ServerDep, busy, job_content, plan_request
+from ..serving import Server, ServerDep, job_content, plan_request
 from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs")
@@ -31,7 +31,7 @@ async def create_job(body: JobRequest, request: Request, server: ServerDep) -> A
     pipe, plan = await plan_request(server, body)
     job = server.queue.submit_job(pipe, plan, server.owner(request), body.webhook_url, body.output_format)
     if job is None:
-        return busy(f"the job queue is full ({server.config.max_queued_jobs} waiting); retry later")
+        raise BusyError(f"the job queue is full ({server.config.max_queued_jobs} waiting); retry later")
     return JSONResponse({"id": job.id, "status": job.status, "queue_position": server.queue.position(job)},
                         status_code=202)
 

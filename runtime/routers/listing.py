@@ -19,13 +19,14 @@ def models(server: ServerDep) -> dict:
     controlnets = [{"name": n, "preprocessor": c["preprocessor"]} for n, c in controlnet_registry().items()]
     rows = []
     for name, pipe in server.pipelines.items():
-        compiled = pipe.selector.compiled_resolutions()
-        rows.append({"name": name, "family": pipe.spec.family, "weights": pipe.bundle.source,
+        summary = pipe.summary()
+        compiled = summary["compiled_resolutions"]
+        rows.append({"name": name, "family": pipe.spec.family, "weights": summary["weights"],
                      "native_resolution": str(pipe.spec.native_resolution),
                      "default_tvm_resolutions": [str(r) for r in pipe.spec.tvm_resolutions],
                      "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"},
-                     "loras": pipe.loras.names(),
-                     "lora_files": pipe.loras.describe(),
+                     "loras": summary["loras"],
+                     "lora_files": summary["lora_files"],
                      "max_concurrent_generations": 1,
                      "default_steps": pipe.spec.default_steps,
                      "default_cfg_scale": pipe.spec.default_cfg_scale,

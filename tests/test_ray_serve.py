@@ -1,0 +1,180 @@
+"""`sdaot serve --ray` on a local Ray cluster (2 CPUs): two replicas of tiny SD1.5 behind the same HTTP API,
+talked to over HTTP; overload, a replica killed under load, Ray's errors as the API's, and the `serve
+deploy` YAML's arguments."""
+
+import asyncio
+import pickle
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from ray import serve
+from ray.exceptions import ActorDiedError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.schema import ServeDeploySchema
+from test_server import AUTH, assert_error, decode, start_server
+
+from sdaot.runtime.errors import BusyError, InvalidRequestError, SdaotError, ServiceUnavailableError
+from sdaot.runtime.ray_app import app
+from sdaot.runtime.remote_pipeline import replica_error
+
+REPLICAS, QUEUE = 2, 1
+DEPLOYMENT = "model-SD1.5"
+QUICK = {"model_name": "SD1.5", "prompt": "a red cube", "height": 64, "width": 64, "steps": 4}
+SLOW = {**QUICK, "height": 256, "width": 256, "steps": 20}  # a few seconds on one core
+YAML = Path(__file__).parent.parent / "docs" / "ray-serve.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster_url():
+    """A local cluster, and `sdaot serve --ray ADDRESS` started on it as a user would (a second driver)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    proc = None
+    try:
+        proc, url = start_server(["--ray", ray.get_runtime_context().gcs_address, "--models", "SD1.5",
+                                  "--replicas", str(REPLICAS), "--workers", "1", "--queue-size", str(QUEUE)])
+        wait_for_replicas()
+        yield url
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_states() -> dict[str, int]:
+    return dict(serve.status().applications["sdaot"].deployments[DEPLOYMENT].replica_states)
+
+
+def wait_for_replicas() -> None:
+    """Until every replica of the model runs (/readyz answers once the first one does)."""
+    deadline = time.time() + 120
+    while replica_states() != {"RUNNING": REPLICAS} and time.time() < deadline:
+        time.sleep(0.5)
+    assert replica_states() == {"RUNNING": REPLICAS}
+
+
+async def _post_all(url: str, bodies: list[dict], after=None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=300) as client:
+        sent = [asyncio.ensure_future(client.post("/v1/image/generation", json=b)) for b in bodies]
+        if after is not None:
+            await after()
+        return list(await asyncio.gather(*sent))
+
+
+@pytest.mark.slow
+def test_two_replicas_serve_the_same_api_with_its_auth_errors_and_jobs(cluster_url):
+    assert replica_states() == {"RUNNING": REPLICAS}
+    assert httpx.post(f"{cluster_url}/v1/image/generation", json=QUICK).status_code == 401
+    paths = httpx.get(f"{cluster_url}/openapi.json").json()["paths"]
+    assert {"/v1/image/generation", "/v1/jobs", "/v1/jobs/{job_id}"} <= set(paths)
+    models = httpx.get(f"{cluster_url}/v1/models", headers=AUTH).json()["data"]
+    assert [m["name"] for m in models] == ["SD1.5"] and models[0]["weights"] == "tiny"
+
+    results = asyncio.run(_post_all(cluster_url, [{**QUICK, "seed": s} for s in (1, 2)]))
+    for resp, seed in zip(results, (1, 2), strict=True):
+        assert resp.status_code == 200, resp.text
+        image = resp.json()["images"][0]
+        assert image["random_seed"] == seed and decode(image["image"]).size == (64, 64)
+    assert results[0].json()["images"][0]["image"] != results[1].json()["images"][0]["image"]
+
+    bad = httpx.post(f"{cluster_url}/v1/image/generation", headers=AUTH, json={**QUICK, "loras": {"nope": 1}})
+    assert "unknown LoRA 'nope'" in assert_error(bad, 400, "loras")["message"]
+
+    job = httpx.post(f"{cluster_url}/v1/jobs", headers=AUTH, json=QUICK)
+    assert job.status_code == 202, job.text
+    state = {}
+    for _ in range(600):
+        state = httpx.get(f"{cluster_url}/v1/jobs/{job.json()['id']}", headers=AUTH).json()
+        if state["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert state["status"] == "succeeded" and state["step"] == state["steps"] >= 4, state
+    assert decode(state["result"]["images"][0]["image"]).size == (64, 64)
+
+    slow = httpx.post(f"{cluster_url}/v1/jobs", headers=AUTH, json={**SLOW, "steps": 150}).json()
+    while httpx.get(f"{cluster_url}/v1/jobs/{slow['id']}", headers=AUTH).json().get("step", 0) < 1:
+        time.sleep(0.1)
+    cancelled = httpx.delete(f"{cluster_url}/v1/jobs/{slow['id']}", headers=AUTH).json()
+    assert cancelled["status"] in ("running", "cancelled")
+    for _ in range(100):
+        state = httpx.get(f"{cluster_url}/v1/jobs/{slow['id']}", headers=AUTH).json()
+        if state["status"] == "cancelled":
+            break
+        time.sleep(0.1)
+    assert state["status"] == "cancelled" and state["step"] < 150, state
+
+
+@pytest.mark.slow
+def test_overload_gets_429_with_retry_after(cluster_url):
+    results = asyncio.run(_post_all(cluster_url, [SLOW] * 8))
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429}, [r.text for r in results if r.status_code not in (200, 429)]
+    assert codes.count(200) >= REPLICAS + QUEUE, codes  # both replicas and the queue were used
+    assert codes.count(429) > 0, codes
+    for resp in results:
+        if resp.status_code == 429:
+            assert_error(resp, 429)
+            assert int(resp.headers["Retry-After"]) > 0
+
+
+def test_ray_errors_become_the_answers_of_a_local_server():
+    busy = replica_error("SD1.5", BackPressureError(num_queued_requests=3, max_queued_requests=3))
+    assert isinstance(busy, BusyError) and busy.status_code == 429 and "every replica of SD1.5" in busy.message
+    refused = InvalidRequestError("unknown LoRA 'x'", param="loras")
+    crossed = pickle.loads(pickle.dumps(RayTaskError("generate", "traceback", refused)))
+    assert replica_error("SD1.5", crossed).content() == refused.content()
+    died = replica_error("SD1.5", ActorDiedError())
+    assert isinstance(died, ServiceUnavailableError) and died.status_code == 503
+    other = ValueError("not Ray's")
+    assert replica_error("SD1.5", other) is other
+
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_costs_only_its_own_request_and_is_replaced(cluster_url):
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{DEPLOYMENT}#" in a["name"]]
+    assert len(replicas) == REPLICAS
+
+    async def kill_one_when_both_run() -> None:
+        async with httpx.AsyncClient(base_url=cluster_url) as client:
+            while "sdaot_queue_depth 3.0" not in (await client.get("/metrics")).text:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # both replicas are a step or more into their generation
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    # two run (one per replica), one waits in Ray's queue: only the killed replica's own request may fail
+    results = asyncio.run(_post_all(cluster_url, [SLOW] * (REPLICAS + QUEUE), after=kill_one_when_both_run))
+    codes = [r.status_code for r in results]
+    assert sorted(codes) == [200, 200, 503], [r.text for r in results]
+    lost = assert_error(next(r for r in results if r.status_code == 503), 503)
+    assert "replica of SD1.5 running this request stopped" in lost["message"]
+
+    wait_for_replicas()
+    after = asyncio.run(_post_all(cluster_url, [QUICK] * REPLICAS))
+    assert [r.status_code for r in after] == [200] * REPLICAS
+
+
+def test_the_serve_deploy_yaml_is_valid_and_builds_the_app():
+    config = yaml.safe_load(YAML.read_text())
+    ServeDeploySchema.model_validate(config)
+    application = config["applications"][0]
+    assert application["import_path"] == "sdaot.runtime.ray_app:app"
+    assert app(application["args"]) is not None
+    assert app({"models": "SD1.5", "replicas": "2", "queue_size": "3"}) is not None  # `serve run k=v` gives text
+
+
+@pytest.mark.parametrize(("args", "param", "says"), [
+    ({"replcas": 2}, "replcas", "unknown argument"),
+    ({"replicas": "two"}, "replicas", "valid integer"),
+    ({"queue_size": 0}, "queue_size", "max_queued_requests cannot be 0"),
+    ({"min_replicas": 3, "max_replicas": 2}, "max_replicas", ">= min_replicas"),
+    ({"models": "SD9"}, "models", "unknown model 'SD9'"),
+])
+def test_bad_serve_arguments_name_the_argument(args, param, says):
+    with pytest.raises(SdaotError) as err:
+        app(args)
+    assert err.value.param == param and says in err.value.message
