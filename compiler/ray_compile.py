@@ -4,25 +4,33 @@ A model's (component, resolution, batch) builds are independent, and at full siz
 for minutes, so a cluster builds them side by side. Each job is a Ray task that reserves as many CPUs as
 the smallest node has: two builds never share a node, and a build's timings are those of a whole node.
 The task loads the model's weights itself (from the same `--weights` source), applies the tuning
-database's records as a local build does (tuning itself stays local) and writes its artifact with the
-local compile's atomic rename, so every node must see the artifact root and the database at the same
-paths (a shared filesystem); the layout is then exactly a local compile's. The driver prints a line per finished job. A
-task that raises is retried once (Ray's own retry); a job that fails again is reported by name once the
-others have finished, and the command exits non-zero.
+database's records as a local build does and writes its artifact with the local compile's atomic rename,
+so every node must see the artifact root and the database at the same paths (a shared filesystem); the
+layout is then exactly a local compile's. The driver prints a line per finished job. A task that raises
+is retried once (Ray's own retry); a job that fails again is reported by name once the others have
+finished, and the command exits non-zero.
+
+With `--tune`, each task tunes in its own copy of the database (`ray-work/<run>/<job>` beside it: MetaSchedule's
+JSON files are not written by two processes at once), so it skips what is already tuned and its artifact
+applies its own records; once every task has ended, the driver merges the copies' new records (all of
+them, as a local run keeps them) and tuning goals into the shared database and deletes the copies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sdaot.runtime.errors import InvalidRequestError, SdaotError
 
 from .compile import CompileJob, CompilePlan, compile_job, compile_modules
-from .tuning import TuningOptions
+from .tuning import TuningOptions, merge_work_dirs, private_copy
 
 RETRIES = 1
 
@@ -43,8 +51,9 @@ class RemoteBuild:
     precision: str = "fp32"
 
 
-def build_on_node(build: RemoteBuild, job: CompileJob) -> tuple[str, float, str]:
-    """One job on a cluster node: (artifact folder, seconds, node's host name)."""
+def build_on_node(build: RemoteBuild, job: CompileJob, work_dir: str | None = None) -> tuple[str, float, str]:
+    """One job on a cluster node: (artifact folder, seconds, node's host name). With `work_dir`, the job tunes
+    in that private copy of the tuning database (made here, afresh on a retry)."""
     import socket
 
     import tvm
@@ -55,9 +64,13 @@ def build_on_node(build: RemoteBuild, job: CompileJob) -> tuple[str, float, str]
 
     quiet_libraries()
     start = time.perf_counter()
+    tuning = build.tuning
+    if tuning is not None and work_dir is not None:
+        private_copy(tuning.database, Path(work_dir))
+        tuning = replace(tuning, work_dir=Path(work_dir))
     bundle = load_weights(get_model(build.model), build.weights)
     path = compile_job(bundle, job, tvm.target.Target(build.target), Path(build.root), log=lambda _: None,
-                       modules=compile_modules(bundle, build.controlnet), tuning=build.tuning,
+                       modules=compile_modules(bundle, build.controlnet), tuning=tuning,
                        conv_algorithm=build.conv_algorithm,
                        weight_transforms=build.weight_transforms, precision=build.precision)
     return str(path), time.perf_counter() - start, socket.gethostname()
@@ -85,6 +98,15 @@ def node_cpus(ray: Any) -> int:
     return max(1, int(min(cpus, default=1)))
 
 
+def tuning_work_dirs(jobs: list[CompileJob], tuning: TuningOptions | None) -> dict[CompileJob, str]:
+    """A private tuning folder per job when the builds tune (none when they only apply records), under the
+    shared database's `ray-work/<this run>/`."""
+    if tuning is None or tuning.budget_s <= 0:
+        return {}
+    run = tuning.database / "ray-work" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    return {job: str(run / re.sub(r"[^A-Za-z0-9_.-]+", "-", job.describe())) for job in jobs}
+
+
 def compile_on_ray(plan: CompilePlan, build: RemoteBuild, address: str | None,
                    log: Callable[[str], None] = print) -> list[Path]:
     """Run the plan's jobs as Ray tasks; returns the artifact folders, in the plan's order."""
@@ -92,7 +114,8 @@ def compile_on_ray(plan: CompilePlan, build: RemoteBuild, address: str | None,
     cpus = node_cpus(ray)
     task = ray.remote(build_on_node).options(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=True)
     log(f"on Ray: {len(ray.nodes())} node(s), each build reserving {cpus} CPUs")
-    pending = {task.remote(build, job): job for job in plan.jobs}
+    work_dirs = tuning_work_dirs(plan.jobs, build.tuning)
+    pending = {task.remote(build, job, work_dirs.get(job)): job for job in plan.jobs}
     paths: dict[CompileJob, Path] = {}
     failed: dict[CompileJob, str] = {}
     while pending:
@@ -107,6 +130,13 @@ def compile_on_ray(plan: CompilePlan, build: RemoteBuild, address: str | None,
             continue
         paths[job] = Path(path)
         log(f"[{finished}/{len(plan.jobs)}] {job.describe()} done in {seconds:.1f} s on {node} -> {path}")
+    if work_dirs:
+        added = merge_work_dirs(build.tuning.database, [Path(d) for d in work_dirs.values()])
+        run_dir = Path(next(iter(work_dirs.values()))).parent
+        run_dir.rmdir()
+        with contextlib.suppress(OSError):  # another run's folders are still there
+            run_dir.parent.rmdir()
+        log(f"merged {added} new tuning records from {len(work_dirs)} job(s) into {build.tuning.database}")
     if failed:
         raise SdaotError(f"{len(failed)} of {len(plan.jobs)} builds failed: "
                          + "; ".join(f"{job.describe()}: {why}" for job, why in failed.items()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,12 +48,21 @@ class TuningReport:
 
 @dataclass
 class TuningOptions:
-    """How a build tunes: database folder, wall-time budget (0: apply the records only), trials per task."""
+    """How a build tunes: database folder, wall-time budget (0: apply the records only), trials per task;
+    `work_dir`, when set, is a private copy of the database that this build tunes into and applies, merged
+    back into `database` afterwards (`merge_work_dirs`): one per Ray task, so that builds on different nodes
+    never write one file at once."""
 
     database: Path
     budget_s: float
     trials_per_task: int = 64
     max_tasks: int | None = None
+    work_dir: Path | None = None
+
+    @property
+    def tunes_in(self) -> Path:
+        """The database folder this build reads and writes."""
+        return self.work_dir or self.database
 
 
 def tuning_options(database: Path, tune: bool, budget: str, trials_per_task: int, max_tasks: int | None,
@@ -139,6 +149,63 @@ def open_database(folder: Path):
                                     str(folder / "database_tuning_record.json"), allow_missing=True)
 
 
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json", "attempts.json")
+
+
+def private_copy(database: Path, work_dir: Path) -> None:
+    """Start `work_dir` as a copy of the database, so that a build tuning there skips what is already tuned."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for name in DATABASE_FILES:
+        if (database / name).is_file():
+            shutil.copyfile(database / name, work_dir / name)
+
+
+def merge_work_dirs(database: Path, work_dirs: list[Path]) -> int:
+    """Commit to `database` every record of the work dirs that it lacks (all of them, not only the best, as a
+    local run keeps them), take each workload's furthest tuning goal, and delete the work dirs. Returns the
+    records added. Records are told apart by their JSON lines (workload hash and record), which needs no
+    TVM objects for the many records a copy shares with the database."""
+    from tvm.s_tir import meta_schedule as ms
+
+    known = {_record_key(workload, record) for workload, record in _record_lines(database)}
+    new: list[tuple[list, list]] = []
+    attempts = TuningAttempts(database)
+    for folder in work_dirs:
+        for workload, record in _record_lines(folder):
+            if _record_key(workload, record) not in known:
+                known.add(_record_key(workload, record))
+                new.append((workload, record))
+        if folder.is_dir():
+            for workload_hash, goal in TuningAttempts(folder).goals.items():
+                attempts.goals[workload_hash] = max(goal, attempts.goals.get(workload_hash, 0))
+    if new:
+        shared = open_database(database)
+        committed: dict[str, Any] = {}
+        for workload, record in new:
+            if workload[0] not in committed:
+                committed[workload[0]] = shared.commit_workload(ms.database.Workload.from_json(workload).mod)
+            shared.commit_tuning_record(ms.database.TuningRecord.from_json(record, committed[workload[0]]))
+    attempts.save()
+    for folder in work_dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(new)
+
+
+def _record_lines(folder: Path) -> list[tuple[list, list]]:
+    """(workload JSON, record JSON) of every line of the JSON database in `folder` (none if it has no files)."""
+    workload_file, record_file = (folder / name for name in DATABASE_FILES[:2])
+    if not record_file.is_file():
+        return []
+    workloads = [json.loads(line) for line in workload_file.read_text().splitlines() if line.strip()]
+    lines = (json.loads(line) for line in record_file.read_text().splitlines() if line.strip())
+    return [(workloads[index], record) for index, record in lines]
+
+
+def _record_key(workload: list, record: list) -> tuple[str, str]:
+    """A record's identity across databases: its workload's structural hash and the record itself."""
+    return workload[0], json.dumps(record, sort_keys=True)
+
+
 def _records(database, task_mod) -> int:
     if not database.has_workload(task_mod):
         return 0
@@ -170,6 +237,10 @@ class TuningAttempts:
         """Record that a run tuned this workload up to `goal` trials (written at once: runs can be killed)."""
         key = self._key(task)
         self.goals[key] = max(goal, self.goals.get(key, 0))
+        self.save()
+
+    def save(self) -> None:
+        """Write the goals beside the database."""
         self.path.write_text(json.dumps(self.goals, indent=0, sort_keys=True))
 
 

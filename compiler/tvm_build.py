@@ -97,7 +97,7 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     if cpu:
         mod = apply_rules_before_tuning(mod, target)
     if tuning is not None:
-        mod, report = tune_and_apply(mod, target, tuning.database, tuning.budget_s, tuning.trials_per_task,
+        mod, report = tune_and_apply(mod, target, tuning.tunes_in, tuning.budget_s, tuning.trials_per_task,
                                      tuning.max_tasks, log)
     _, total = count_scheduled(mod)
     if target.kind.name == "cuda":

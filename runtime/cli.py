@@ -212,7 +212,8 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
                    "AVX-512 BF16; their artifacts sit beside the fp32 ones and are preferred when both exist.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Build each job as a task on a Ray cluster (ADDRESS, else RAY_ADDRESS or a local one); every "
-                   "node must see --out at the same path.")
+                   "node must see --out and --tuning-db at the same paths. With --tune, each job tunes its own "
+                   "copy of the database, merged back when all have ended.")
 @click.option("--out", "root", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: SDAOT_ARTIFACTS or ./artifacts).")
 def compile(model_name: str, weights: str, resolutions: tuple[str, ...], components: str | None,
@@ -239,9 +240,6 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         batches = [int(b) for b in batch.split(",")] if batch else None
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
-    if ray_address is not None and tune:
-        raise InvalidRequestError("tuning is not distributed yet: tune with a local compile (its records then "
-                                  "apply to every build, on Ray too, through --tuning-db)", param="ray")
     tvm_target = build_target(resolve_target(target), conv_algorithm, precision)
     root = root or default_root()
     tuning = tuning_options((tuning_db or root / "tuning" / target_key(tvm_target)).resolve(), tune, tune_budget,

@@ -43,7 +43,26 @@ def test_compile_on_ray_writes_what_a_local_compile_writes(cluster, compiled_roo
     assert not list((tmp_path / "ray").rglob(".tmp-*")), "nothing half-written is left"
 
 
-def test_tuning_on_ray_is_a_clear_error(tmp_path):
-    result = CliRunner().invoke(main, ["compile", *JOBS, "--ray", "--tune", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "error: ray: tuning is not distributed yet" in result.output
-    assert not any(tmp_path.iterdir())
+@pytest.mark.slow
+def test_tuning_on_ray_merges_each_jobs_records_into_the_shared_database(cluster, tmp_path):
+    """Two jobs (two components: different workloads) tune in their own copies; the shared database gets both
+    jobs' records and tuning goals (what lets a later run skip them). Bounded by tasks and trials, not the
+    clock."""
+    args = ["compile", "--model", "SD1.5", "--weights", "tiny", "--components", "text_encoder,vae_decoder",
+            "--resolution", "64x64",
+            "--tune", "--tune-budget", "24h", "--trials-per-task", "1", "--tune-tasks", "1", "--ray",
+            "--out", str(tmp_path)]
+    first = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    (db,) = (tmp_path / "tuning").iterdir()
+    assert f"new tuning records from 2 job(s) into {db}" in first.output
+    assert not (db / "ray-work").exists(), "the private copies are deleted once merged"
+    workloads = [json.loads(line)[0] for line in (db / "database_workload.json").read_text().splitlines()]
+    tuned = {workloads[json.loads(line)[0]] for line in (db / "database_tuning_record.json").read_text().splitlines()}
+    assert len(tuned) == 2, "one tuned workload per job"
+    assert set(json.loads((db / "attempts.json").read_text())) == tuned, "each job's tuning goal, by workload"
+    built = [json.loads(p.read_text()) for p in tmp_path.rglob("manifest.json")]
+    assert len(built) == 2
+    for manifest in built:
+        assert manifest["tuning_database"] == str(db) and manifest["tuned_functions"] > 0
+        assert manifest["tuning"]["tasks_tuned_now"] == 1
