@@ -16,6 +16,8 @@ from .targets import PRECISIONS
 from .threads import use_all_cores
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEVICE_HELP = ("auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N: where the networks run; "
+               "compiled artifacts are used when built for that device's target.")
 CONTROLNET_DIR_HELP = ("Folder of ControlNet downloads, DIR/<name>/ each (default: SDAOT_CONTROLNET_DIR); "
                        "needed with real model weights only.")
 
@@ -145,9 +147,10 @@ def _output_paths(output: str, count: int) -> list[Path]:
               help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
 @click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None, help=CONTROLNET_DIR_HELP)
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
              artifacts_root: Path | None, lora_specs: tuple[str, ...], lora_dir: Path | None,
-             controlnet_dir: Path | None, controlnet_image_path: str | None, **params) -> None:
+             controlnet_dir: Path | None, controlnet_image_path: str | None, device: str, **params) -> None:
     """Generate images from a prompt (txt2img, or img2img with --image)."""
     from tqdm import tqdm
 
@@ -165,7 +168,8 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     req = parse_request(data)
     paths = _output_paths(output, req.num_images)
     pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights,
-                         artifacts_root=artifacts_root, lora_folder=lora_dir, controlnet_folder=controlnet_dir)
+                         artifacts_root=artifacts_root, lora_folder=lora_dir, controlnet_folder=controlnet_dir,
+                         device=device)
     plan = pipe.plan(req)
     with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
@@ -374,6 +378,7 @@ def _is_loopback(host: str) -> bool:
               help="Finished jobs kept at most; the oldest are dropped first.")
 @click.option("--webhook-allow", default="", help="Comma-separated hosts webhooks may be sent to (default: any "
                                                   "http(s) host; set it where clients are not trusted).")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Serve through Ray Serve on a cluster (ADDRESS, else RAY_ADDRESS or a new local one): one "
                    "deployment per model, --workers its max_ongoing_requests, --queue-size Ray's queue for it.")
@@ -391,7 +396,8 @@ def _is_loopback(host: str) -> bool:
 def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
           queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool,
           lora_dir: Path | None, controlnet_dir: Path | None, max_queued_jobs: int, keep_finished_s: float,
-          keep_finished: int, webhook_allow: str, ray_address: str | None, replicas: int, min_replicas: int,
+          keep_finished: int, webhook_allow: str, device: str, ray_address: str | None, replicas: int,
+          min_replicas: int,
           max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
           replica_gpus: float) -> None:
     """Serve the web page at /, POST /v1/image/generation (the reference API), the jobs API (/v1/jobs), plus
@@ -421,6 +427,10 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
         click.echo(f"no API keys configured: serving loopback address {host} only, without authentication", err=True)
     if workers < 1 or queue_size < 0:
         raise InvalidRequestError("workers must be >= 1 and queue-size >= 0", param="workers")
+    if ray_address is None:
+        from .devices import pick_device
+
+        pick_device(device)
     if max_queued_jobs < 0 or keep_finished < 0 or keep_finished_s < 0:
         raise InvalidRequestError("must be >= 0", param="max_queued_jobs, keep_finished, keep_finished_count")
     names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
@@ -431,7 +441,7 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
                           workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir,
                           controlnet_folder=controlnet_dir, max_queued_jobs=max_queued_jobs,
                           keep_finished_s=keep_finished_s, keep_finished=keep_finished,
-                          webhook_allow=[h.strip() for h in webhook_allow.split(",") if h.strip()])
+                          webhook_allow=[h.strip() for h in webhook_allow.split(",") if h.strip()], device=device)
     if ray_address is not None:
         try:
             from .ray_app import Scaling, build_app, serve_on_ray

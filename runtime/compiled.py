@@ -1,14 +1,17 @@
 """Compiled backends of a Component: a TVM library or the exported ONNX graph under onnxruntime.
 
-Both read their weights from the torch module's own parameter tensors (zero-copy: DLPack for TVM, numpy
-views for onnxruntime), so the torch and compiled backends share one copy of the weights. A compiled
-component built for batch b serves any batch that is a multiple of b, chunk by chunk.
+Both read their weights from the torch module's own parameter tensors, and take their inputs and give their
+outputs as torch tensors, in place on the module's device (the CPU or a CUDA GPU): DLPack for TVM, bound
+buffers (IOBinding) for onnxruntime. So the torch and compiled backends share one copy of the weights,
+and nothing is copied between host and GPU. A compiled component built for batch b serves any batch that
+is a multiple of b, chunk by chunk.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,6 +78,7 @@ class _Chunked:
         self.output_names = tuple(module.output_names)
         self.weight_names = [w["name"] for w in artifact.manifest.weights]
         self.weight_tensors = aligned_weights(module, self.weight_names)
+        self.device = next(module.parameters()).device
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         total = inputs[0].shape[0]
@@ -104,7 +108,7 @@ class TvmComponent(_Chunked):
         self.precision = artifact.precision
         try:
             lib = tvm.runtime.load_module(str(artifact.path / "lib.so"))
-            self.vm = relax.VirtualMachine(lib, tvm.cpu())
+            self.vm = relax.VirtualMachine(lib, tvm.device(self.device.type, self.device.index or 0))
         except Exception as exc:  # TVM reports load failures with its own error classes
             raise BackendUnavailableError(f"cannot load {artifact.path / 'lib.so'}: {exc}", param="backend") from exc
         self._weights = [tvm.runtime.from_dlpack(w) for w in self.weight_tensors]
@@ -136,7 +140,7 @@ class TvmComponent(_Chunked):
         import tvm
 
         self._transform_weights()
-        args = [tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]
+        args = [tvm.runtime.from_dlpack(_aligned(x.to(self.device))) for x in inputs]
         out = self._main(*args, *self._params)
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
         return tuple(torch.from_dlpack(o).clone() for o in outs)
@@ -171,7 +175,8 @@ class TvmComponent(_Chunked):
 
 
 class OnnxRuntimeComponent(_Chunked):
-    """A component run by onnxruntime from an artifact's model.onnx (CUDA provider where available)."""
+    """A component run by onnxruntime from an artifact's model.onnx, on the module's device (the CUDA provider
+    for a GPU)."""
 
     backend = "onnxruntime"
 
@@ -179,21 +184,40 @@ class OnnxRuntimeComponent(_Chunked):
         import onnxruntime as ort
 
         super().__init__(name, artifact, module)
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        provider = "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider"
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailableError(f"this onnxruntime has no {provider} for {self.device} (on a GPU: pip "
+                                          "install onnxruntime-gpu)", param="backend")
+        options = [{"device_id": self.device.index or 0}] if self.device.type == "cuda" else [{}]
         try:
-            self.session = ort.InferenceSession(str(artifact.path / "model.onnx"), providers=providers)
+            self.session = ort.InferenceSession(str(artifact.path / "model.onnx"), providers=[provider],
+                                                provider_options=options)
         except Exception as exc:  # onnxruntime raises its own error classes for unreadable graphs
             raise BackendUnavailableError(f"cannot load {artifact.path / 'model.onnx'}: {exc}",
                                           param="backend") from exc
-        self._weights = {n: w.numpy() for n, w in zip(self.weight_names, self.weight_tensors, strict=True)}
         self._inputs = [i["name"] for i in artifact.manifest.inputs]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._binding = self.session.io_binding()
+        for name, weight in zip(self.weight_names, self.weight_tensors, strict=True):
+            self._bind(name, weight)
+
+    def _bind(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand the tensor's memory to the session as input `name` (no copy)."""
+        self._binding.bind_input(name, self.device.type, self.device.index or 0, NUMPY_DTYPES[tensor.dtype],
+                                 list(tensor.shape), tensor.data_ptr())
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        feed: dict[str, Any] = dict(self._weights)
         by_name = dict(zip(self.input_names, inputs, strict=True))
-        for name in self._inputs:
-            feed[name] = by_name[name].contiguous().numpy()
-        return tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
+        kept = [by_name[name].to(self.device).contiguous() for name in self._inputs]
+        for name, tensor in zip(self._inputs, kept, strict=True):
+            self._bind(name, tensor)
+        for name in self._outputs:
+            self._binding.bind_output(name, self.device.type, self.device.index or 0)
+        self.session.run_with_iobinding(self._binding)
+        return tuple(torch.from_dlpack(o) for o in self._binding.get_outputs())
+
+
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:

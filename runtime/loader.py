@@ -6,12 +6,14 @@ import logging
 from pathlib import Path
 
 import diffusers
+import torch
 import transformers
 
+from .devices import pick_device
 from .lora import lora_dir
 from .pipeline import Pipeline
 from .registry import get_model
-from .weights import BUILT_IN_SOURCES, load_weights
+from .weights import BUILT_IN_SOURCES, ModelBundle, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +27,28 @@ def quiet_libraries() -> None:
 
 def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = False,
                   refiner_weights: str | None = None, artifacts_root: Path | None = None,
-                  lora_folder: Path | None = None, controlnet_folder: Path | None = None) -> Pipeline:
-    """Load a model's networks from `weights` and wrap them in a Pipeline (plus the SDXL refiner if asked)."""
+                  lora_folder: Path | None = None, controlnet_folder: Path | None = None,
+                  device: str = "cpu") -> Pipeline:
+    """Load a model's networks from `weights` onto `device` (cpu, cuda, auto: see devices.pick_device) and wrap
+    them in a Pipeline (plus the SDXL refiner if asked)."""
     quiet_libraries()
     spec = get_model(model_name)
+    on = pick_device(device)
     refiner = None
     if with_refiner and spec.refiner:
         refiner_spec = get_model(spec.refiner)
         refiner_source = refiner_weights or _shared_source(weights, "refiner_weights")
-        refiner = Pipeline(load_weights(refiner_spec, refiner_source), artifacts_root=artifacts_root)
-    log.info("loading %s from %s weights", spec.name, weights)
-    return Pipeline(load_weights(spec, weights), refiner=refiner, artifacts_root=artifacts_root,
+        refiner = Pipeline(_on(load_weights(refiner_spec, refiner_source), on), artifacts_root=artifacts_root)
+    log.info("loading %s from %s weights onto %s", spec.name, weights, on)
+    return Pipeline(_on(load_weights(spec, weights), on), refiner=refiner, artifacts_root=artifacts_root,
                     lora_folder=lora_dir(lora_folder), controlnet_folder=controlnet_folder)
+
+
+def _on(bundle: ModelBundle, device: torch.device) -> ModelBundle:
+    """The bundle with its networks moved to `device` (in place; nothing moves on the CPU)."""
+    for network in bundle.networks().values():
+        network.to(device)
+    return bundle
 
 
 def _shared_source(weights: str, flag: str) -> str:

@@ -221,7 +221,7 @@ class LoraMerger:
                         param = self._params[key]
                         if key not in self._backup:
                             self._backup[key] = param.detach().clone()
-                        param.add_(delta.delta(param.shape).to(param.dtype), alpha=loras[name])
+                        param.add_(delta.delta(param.shape).to(param.device, param.dtype), alpha=loras[name])
         except BaseException:
             self.restore()
             raise

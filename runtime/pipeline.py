@@ -77,8 +77,9 @@ class Pipeline:
         self.controlnet_folder = controlnet_folder
         self.spec: ModelSpec = bundle.spec
         self.refiner = refiner
+        self.device = next(bundle.unet.parameters()).device
         self.torch_components = {n: TorchComponent(n, m) for n, m in component_modules(bundle).items()}
-        self.selector = ComponentSelector(self.spec.name, self.torch_components, artifacts_root)
+        self.selector = ComponentSelector(self.spec.name, self.torch_components, artifacts_root, self.device)
         self.loras = LoraMerger(bundle, lora_folder)
         self.planner = Planner(self.spec, refiner is not None, lora_folder)
         self.control_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE, do_convert_rgb=True,
@@ -117,7 +118,8 @@ class Pipeline:
     def controlnet_components(self, name: str) -> dict[str, TorchComponent]:
         """Torch components of ControlNet `name` and of the UNet taking its residuals (loaded on first use)."""
         if name not in self._controlnets:
-            modules = controlnet_modules(self.bundle, load_controlnet(self.bundle, name, self.controlnet_folder))
+            controlnet = load_controlnet(self.bundle, name, self.controlnet_folder).to(self.device)
+            modules = controlnet_modules(self.bundle, controlnet)
             self._controlnets[name] = {n: TorchComponent(n, m) for n, m in modules.items()}
         return self._controlnets[name]
 
@@ -164,7 +166,7 @@ class Pipeline:
         """The plan's sampler as a diffusers scheduler, set to the plan's step count."""
         scheduler = make_scheduler(plan.sampler, self.spec.scheduler_config, seed=plan.seeds[0])
         try:
-            scheduler.set_timesteps(plan.steps)
+            scheduler.set_timesteps(plan.steps, device=self.device)
         except ValueError as exc:
             raise InvalidRequestError(f"sampler {plan.sampler.name!r} cannot run {plan.steps} steps: {exc}",
                                       param="steps") from exc
@@ -191,7 +193,8 @@ class Pipeline:
                 negative = plan.negative_prompt or ""
                 negatives = [negative, plan.negative_prompt_2 or negative][: len(encoders)]
                 neg, neg_pooled = self._encode_sdxl(run, negatives)
-        time_ids, neg_time_ids = (torch.tensor([ids]) for ids in sdxl_time_ids(self.spec, plan.resolution))
+        time_ids, neg_time_ids = (torch.tensor([ids], device=self.device)
+                                  for ids in sdxl_time_ids(self.spec, plan.resolution))
         cond = {
             "encoder_hidden_states": embeds.repeat(n, 1, 1),
             "text_embeds": pooled.repeat(n, 1),
@@ -206,7 +209,7 @@ class Pipeline:
     def _tokenize(self, encoder: str, text: str) -> torch.Tensor:
         tok = self.bundle.tokenizers[COMPONENTS[encoder].tokenizer]
         return tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+                   return_tensors="pt").input_ids.to(self.device)
 
     def _encode_sdxl(self, run: Run, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
@@ -245,13 +248,14 @@ class Pipeline:
         n = len(plan.seeds)
         shape = (n, self.bundle.unet.config.in_channels, *plan.resolution.latent)
         if plan.request.image is None:
-            return randn_tensor(shape, generator=run.generators, dtype=torch.float32) * scheduler.init_noise_sigma
+            return randn_tensor(shape, generator=run.generators, device=self.device,
+                                dtype=torch.float32) * scheduler.init_noise_sigma
         image = self.image_processor.preprocess(plan.request.image.convert("RGB"), height=plan.height,
-                                                width=plan.width)
+                                                width=plan.width).to(self.device)
         init = torch.cat([
             DiagonalGaussianDistribution(run.call("vae_encoder", image)[0]).sample(g) for g in run.generators
         ]) * self.scaling_factor
-        noise = randn_tensor(shape, generator=run.generators, dtype=torch.float32)
+        noise = randn_tensor(shape, generator=run.generators, device=self.device, dtype=torch.float32)
         return scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
 
     def denoise_loop(self, run: Run, scheduler, timesteps: torch.Tensor, latents: torch.Tensor,
@@ -281,7 +285,7 @@ class Pipeline:
         else:
             i, count = step
             keep = 1.0 - float(i / count < req.control_guidance_start or (i + 1) / count > req.control_guidance_end)
-            scale = torch.full((model_in.shape[0],), req.controlnet_conditioning_scale * keep)
+            scale = torch.full((model_in.shape[0],), req.controlnet_conditioning_scale * keep, device=self.device)
             residuals = run.call("controlnet", model_in, t_batch, args[0], control, scale, *args[1:])
             noise_pred = run.call("unet_controlnet", model_in, t_batch, *args, *residuals)[0]
         if not plan.do_cfg:
@@ -293,7 +297,7 @@ class Pipeline:
         """The control map as diffusers' ControlNet pipelines prepare it: [0, 1], one per UNet batch row."""
         control_map = preprocess_control_image(plan.controlnet, plan.request.controlnet_image)
         image = self.control_processor.preprocess(control_map, height=plan.height, width=plan.width)
-        image = image.to(torch.float32).repeat_interleave(len(plan.seeds), dim=0)
+        image = image.to(self.device, torch.float32).repeat_interleave(len(plan.seeds), dim=0)
         return torch.cat([image] * 2) if plan.do_cfg else image
 
     def decode(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:

@@ -1,21 +1,23 @@
 """Which backend runs each component of a request: `torch`, `tvm`, `onnxruntime`, or `auto`.
 
-`auto` takes tvm wherever an artifact matches (model, component, resolution, batch, a target this CPU runs:
-its own, or an instruction set it has, such as an AVX2 build on an AVX-512 machine) and loads cleanly,
-torch elsewhere; a broken artifact under `auto` logs a warning and falls back to torch, under
-`tvm`/`onnxruntime` it is an error that says why.
+`auto` takes tvm wherever an artifact matches (model, component, resolution, batch, a target the pipeline's
+device runs: on a GPU a CUDA build for its architecture; on the CPU its own target, or an instruction set it
+has, such as an AVX2 build on an AVX-512 machine) and loads cleanly, torch elsewhere; a broken artifact
+under `auto` logs a warning and falls back to torch, under `tvm`/`onnxruntime` it is an error that says why.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from functools import cache
 from pathlib import Path
+
+import torch
 
 from .artifacts import Artifact, list_artifacts, resolution_key
 from .compiled import OnnxRuntimeComponent, TvmComponent, check_artifact
 from .components import Component, TorchComponent
+from .devices import cuda_target_key, device_target_key
 from .errors import BackendUnavailableError
 from .resolution import Resolution
 
@@ -23,29 +25,20 @@ log = logging.getLogger(__name__)
 COMPILED = {"tvm": TvmComponent, "onnxruntime": OnnxRuntimeComponent}
 
 
-@cache
-def host_target_key() -> str | None:
-    """The artifact target key of this machine's CPU, or None when TVM cannot be imported."""
-    try:
-        from .targets import resolve_target, target_key
-
-        return target_key(resolve_target("cpu"))
-    except ImportError:
-        return None
-
-
 class ComponentSelector:
     """Finds, checks, loads and caches compiled components for one model."""
 
-    def __init__(self, model: str, torch_components: dict[str, TorchComponent], root: Path | None = None) -> None:
+    def __init__(self, model: str, torch_components: dict[str, TorchComponent], root: Path | None = None,
+                 device: torch.device | None = None) -> None:
         self.model = model
         self.torch_components = torch_components
         self.root = root
+        self.device = device or torch.device("cpu")
         self._loaded: dict[tuple[str, str, str, int], Component] = {}
 
     def artifacts(self) -> list[Artifact]:
-        """This model's artifacts that run on this device."""
-        return [a for a in list_artifacts(self.root) if a.model == self.model and runs_here(a)]
+        """This model's artifacts that run on this pipeline's device."""
+        return [a for a in list_artifacts(self.root) if a.model == self.model and runs_here(a, self.device)]
 
     def compiled_resolutions(self) -> list[str]:
         """Resolutions with a compiled UNet, as WIDTHxHEIGHT."""
@@ -64,7 +57,7 @@ class ComponentSelector:
         chosen: dict[str, Component] = {}
         for name, (resolution, total) in needs.items():
             kind = "tvm" if backend == "auto" else backend
-            artifact = _best(found, name, resolution_key(resolution), total)
+            artifact = _best(found, name, resolution_key(resolution), total, self.device)
             if artifact is None:
                 if backend == "auto":
                     chosen[name] = torch_components[name]
@@ -89,14 +82,22 @@ class ComponentSelector:
     def _load(self, kind: str, name: str, artifact: Artifact, module) -> Component:
         key = (kind, str(artifact.path), artifact.manifest.created, id(module))
         if key not in self._loaded:
-            check_artifact(artifact, module, kind, host_target_key() or "", runs_here(artifact))
+            check_artifact(artifact, module, kind, device_target_key(self.device) or "",
+                           runs_here(artifact, self.device))
             self._loaded[key] = COMPILED[kind](name, artifact, module)
             log.info("loaded %s %s from %s", kind, name, artifact.path)
         return self._loaded[key]
 
 
-def runs_here(artifact: Artifact) -> bool:
-    """Whether the artifact's library runs on this machine (False when TVM cannot be imported)."""
+def runs_here(artifact: Artifact, device: torch.device | None = None) -> bool:
+    """Whether the artifact's library runs on `device` (default: the CPU) and takes its tensors: a CUDA build
+    for that GPU's architecture, or a CPU build this CPU runs (False when TVM cannot be imported)."""
+    device = device or torch.device("cpu")
+    built_for_cuda = artifact.manifest.target.get("kind") == "cuda"
+    if device.type == "cuda":
+        return built_for_cuda and artifact.target_key == cuda_target_key(device)
+    if built_for_cuda:
+        return False
     try:
         from .targets import host_has_avx512_bf16, runs_on_this_cpu
     except ImportError:
@@ -106,9 +107,9 @@ def runs_here(artifact: Artifact) -> bool:
     return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest.target, sort_keys=True))
 
 
-def _best(found: list[Artifact], component: str, resolution: str, total: int) -> Artifact | None:
+def _best(found: list[Artifact], component: str, resolution: str, total: int, device: torch.device) -> Artifact | None:
     """The largest fitting batch; where there is a choice, bf16 (compiled on purpose, for speed) over fp32, then
-    one built for this very CPU."""
+    one built for this very device."""
     matches = [a for a in found if a.component == component and a.resolution == resolution and total % a.batch == 0]
-    return max(matches, key=lambda a: (a.batch, a.precision == "bf16", a.target_key == host_target_key()),
-               default=None)
+    key = device_target_key(device)
+    return max(matches, key=lambda a: (a.batch, a.precision == "bf16", a.target_key == key), default=None)

@@ -48,6 +48,7 @@ class ServerConfig:
     keep_finished_s: float = 3600.0
     keep_finished: int = 256
     webhook_allow: list[str] = field(default_factory=list)
+    device: str = "auto"
 
 
     def serves_refiner(self, model: str) -> bool:
@@ -62,7 +63,7 @@ def load_served_pipeline(name: str, config: ServerConfig) -> Pipeline:
 
     return load_pipeline(name, config.weights, with_refiner=config.serves_refiner(name),
                          artifacts_root=config.artifacts_root, lora_folder=config.lora_folder,
-                         controlnet_folder=config.controlnet_folder)
+                         controlnet_folder=config.controlnet_folder, device=config.device)
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:

@@ -11,13 +11,19 @@ from .errors import InvalidRequestError
 
 
 def resolve_target(spec: str = "cpu") -> Any:
-    """A tvm.target.Target for 'cpu' (this host's CPU), 'cuda' (sm_90 unless given as JSON) or a JSON dict."""
+    """A tvm.target.Target for 'cpu' (this host's CPU), 'cuda' (this machine's GPU architecture; sm_90, an
+    H100/H200, where torch sees no GPU) or a JSON dict."""
     import tvm
 
     if spec == "cpu":
         return tvm.target.Target.from_device(tvm.cpu())
     if spec == "cuda":
-        return tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_num_threads": 1024, "thread_warp_size": 32})
+        import torch
+
+        from .devices import cuda_target_key
+
+        arch = cuda_target_key(torch.device("cuda")).removeprefix("cuda-") if torch.cuda.is_available() else "sm_90"
+        return tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32})
     try:
         config = json.loads(spec)
     except ValueError as exc:

@@ -4,18 +4,22 @@ import json
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import AVX2_TARGET, FAMILIES, psnr
 from PIL import Image
 
 from sdaot.runtime.artifacts import MANIFEST, file_sha256, list_artifacts
 from sdaot.runtime.cli import main
-from sdaot.runtime.errors import BackendUnavailableError
+from sdaot.runtime.devices import pick_device
+from sdaot.runtime.errors import BackendUnavailableError, InvalidRequestError
 from sdaot.runtime.loader import load_pipeline
 from sdaot.runtime.request import parse_request
+from sdaot.runtime.selection import runs_here
 
 pytestmark = pytest.mark.slow  # full compiles: `make test` runs them, `make test-quick` does not
 
@@ -235,3 +239,23 @@ def test_refiner_runs_on_its_own_compiled_artifacts(compiled_root, tmp_path):
         assert {"refiner.unet", "refiner.text_encoder_2", "refiner.vae_decoder"} <= set(out.backends)
         images[backend] = out.images[0]
     assert psnr(images["tvm"], images["torch"]) >= 40
+
+
+def test_the_device_is_chosen_with_clear_errors_and_gpu_builds_are_refused_on_the_cpu(tmp_path):
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InvalidRequestError, match="device must be one of") as err:
+        pick_device("gpu")
+    assert err.value.param == "device"
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="torch sees no CUDA GPU"):
+            pick_device("cuda")
+        result = CliRunner().invoke(main, ["generate", "--model", "SD1.5", "--prompt", "x", "--device", "cuda",
+                                           "-o", str(tmp_path / "x.png")])
+        assert result.exit_code == 2 and result.output.startswith("error: device: cuda: torch sees no CUDA GPU")
+        assert not (tmp_path / "x.png").exists()
+    manifest = {"target": {"kind": "llvm", "mcpu": "x86-64"}, "precision": "fp32"}
+    cpu_build = SimpleNamespace(target_key="llvm-x86-64", precision="fp32", manifest=SimpleNamespace(**manifest))
+    gpu_build = SimpleNamespace(target_key="cuda-sm_90", precision="fp32",
+                                manifest=SimpleNamespace(target={"kind": "cuda", "arch": "sm_90"}, precision="fp32"))
+    assert not runs_here(gpu_build, torch.device("cpu"))
+    assert not runs_here(cpu_build, torch.device("cuda")), "a CPU library cannot take a GPU pipeline's tensors"
