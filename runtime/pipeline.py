@@ -93,9 +93,14 @@ class Pipeline:
         """Validate the request against this model and fill in defaults; raises InvalidRequestError."""
         return self.planner.plan(req)
 
+    def compiled_resolutions(self) -> list[str]:
+        """Resolutions with a compiled UNet for this pipeline's device, as WIDTHxHEIGHT."""
+        return self.selector.compiled_resolutions()
+
     def summary(self) -> dict:
-        """What this pipeline offers, for /v1/models: weight source, compiled resolutions, LoRA names and files."""
-        return {"weights": self.bundle.source, "compiled_resolutions": self.selector.compiled_resolutions(),
+        """What this pipeline offers, for /v1/models: weight source, compiled resolutions, LoRA names and files
+        (each LoRA file is read once, on the first listing)."""
+        return {"weights": self.bundle.source, "compiled_resolutions": self.compiled_resolutions(),
                 "loras": self.loras.names(), "lora_files": self.loras.describe()}
 
     # ---- backends -------------------------------------------------------------------------------

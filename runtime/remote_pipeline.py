@@ -34,6 +34,10 @@ class RemotePipeline:
         """Validate the request against this model and fill in defaults, as the replicas would."""
         return self.planner.plan(req)
 
+    def compiled_resolutions(self) -> list[str]:
+        """Resolutions with a compiled UNet, as the replicas reported them."""
+        return self._summary["compiled_resolutions"]
+
     def summary(self) -> dict:
         """What the model's replicas offer, for /v1/models."""
         return self._summary

@@ -99,7 +99,7 @@ class Server:
             for name in self.config.models:
                 spec = get_model(name)
                 self.pipelines[spec.name] = self.open_pipeline(spec.name)
-                compiled = self.pipelines[spec.name].summary()["compiled_resolutions"]
+                compiled = self.pipelines[spec.name].compiled_resolutions()
                 log.info("serving %s (%s weights; tvm resolutions: %s)", spec.name, self.config.weights,
                          ", ".join(compiled) or "none compiled")
             self.ready.set()
