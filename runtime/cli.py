@@ -212,8 +212,9 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
               help="Compute what derives from the weights alone (transposes, Winograd weight transforms) on every "
                    "call, or once at load and after a weight changes (faster, more memory).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="bf16: matmuls (linear layers, Winograd's products) in bf16 with fp32 sums, on CPUs with "
-                   "AVX-512 BF16; their artifacts sit beside the fp32 ones and are preferred when both exist.")
+              help="bf16: matmuls (linear layers, Winograd's products) in bf16 with fp32 sums: on AMX tiles where the "
+                   "CPU has amx_bf16, through vdpbf16ps where it has only AVX-512 BF16. Their artifacts sit beside "
+                   "the fp32 ones; where both exist, auto/tvm run bf16 only when it is AMX (see `sdaot artifacts`).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Build each job as a task on a Ray cluster (ADDRESS, else RAY_ADDRESS or a local one); every "
                    "node must see --out and --tuning-db at the same paths. With --tune, each job tunes its own "
@@ -268,18 +269,22 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--dir", "root", type=click.Path(path_type=Path), default=None, help="Artifacts folder.")
 def artifacts(as_json: bool, root: Path | None) -> None:
-    """List compiled artifacts: model, component, resolution, batch, target, precision, tuned, size on disk."""
+    """List compiled artifacts: model, component, resolution, batch, target, precision, tuned, size on disk, and
+    whether `--backend auto|tvm` runs it on this machine (where fp32 and bf16 twins exist, the faster one here)."""
     from .artifacts import list_artifacts
+    from .selection import which_runs
 
-    rows = [a.summary() for a in list_artifacts(root)]
+    found = list_artifacts(root)
+    runs = which_runs(found)
+    rows = [a.summary() | {"runs": runs[a.path]} for a in found]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    fmt = "{:<17} {:<15} {:<10} {:>5}  {:<16} {:<9} {:<5} {:>9}"
-    click.echo(fmt.format("MODEL", "COMPONENT", "RESOLUTION", "BATCH", "TARGET", "PRECISION", "TUNED", "SIZE"))
+    fmt = "{:<17} {:<15} {:<10} {:>5}  {:<16} {:<9} {:<5} {:>9}  {}"
+    click.echo(fmt.format("MODEL", "COMPONENT", "RESOLUTION", "BATCH", "TARGET", "PRECISION", "TUNED", "SIZE", "RUNS"))
     for r in rows:
         click.echo(fmt.format(r["model"], r["component"], r["resolution"], r["batch"], r["target"], r["precision"],
-                              "yes" if r["tuned"] else "no", f"{r['size_bytes'] / 1e6:.1f} MB"))
+                              "yes" if r["tuned"] else "no", f"{r['size_bytes'] / 1e6:.1f} MB", r["runs"]))
     if not rows:
         click.echo("(none: build some with `sdaot compile --model SD1.5 --resolution 512x512`)")
 

@@ -9,13 +9,15 @@ is a multiple of b, chunk by chunk.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import Artifact, file_sha256, weights_signature
+from .amx import require_amx
+from .artifacts import Artifact, read_verified, weights_signature
 from .errors import BackendUnavailableError
 from .threads import use_all_cores
 
@@ -38,7 +40,7 @@ def check_artifact(artifact: Artifact, module: nn.Module, kind: str, target_key:
     """Refuse an artifact for the `kind` of backend (tvm or onnxruntime) that would run it when it was built
     for another architecture or altered, and for tvm also when built with another TVM version or for a
     target this device cannot run (`runs_here` says an instruction-set subset of this CPU's is fine).
-    Each backend checks only the file it runs: tvm lib.so, onnxruntime model.onnx."""
+    The hash of the file each backend runs is checked as it is loaded (`verified_bytes`)."""
     m = artifact.manifest
     problems = []
     if kind == "tvm":
@@ -53,13 +55,35 @@ def check_artifact(artifact: Artifact, module: nn.Module, kind: str, target_key:
               for w in m.weights if w["name"] in params]
     if len(actual) != len(m.weights) or weights_signature(actual) != m.weights_signature:
         problems.append("its weight shapes do not match the loaded model's (another architecture or size)")
-    checked, expected = ("lib.so", m.lib_sha256) if kind == "tvm" else ("model.onnx", m.onnx_sha256)
-    path = artifact.path / checked
-    if not path.is_file() or file_sha256(path) != expected:
-        problems.append(f"{checked} is missing, truncated or altered")
     if problems:
-        raise BackendUnavailableError(f"artifact {artifact.path} cannot be used: {'; '.join(problems)}",
+        raise BackendUnavailableError(f"artifact {artifact.label} cannot be used: {'; '.join(problems)}",
                                       param="backend")
+
+
+def verified_bytes(artifact: Artifact, kind: str) -> bytes:
+    """The bytes of the file the `kind` of backend runs (tvm lib.so, onnxruntime model.onnx), read once and
+    checked against the manifest's hash: the caller loads these bytes, not the file, so a file swapped after
+    the check is never run."""
+    checked, expected = ("lib.so", artifact.manifest.lib_sha256) if kind == "tvm" else \
+        ("model.onnx", artifact.manifest.onnx_sha256)
+    data = read_verified(artifact.path / checked, expected)
+    if data is None:
+        raise BackendUnavailableError(f"artifact {artifact.label} cannot be used: {checked} is missing, truncated "
+                                      "or altered", param="backend")
+    return data
+
+
+def load_tvm_library(data: bytes) -> Any:
+    """A TVM module loaded from a shared library's bytes: they are written to an anonymous in-memory file
+    (memfd) that only this process holds, and dlopen'ed from there, so no other writer can change them."""
+    import tvm
+
+    fd = os.memfd_create("sdaot-lib.so", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        return tvm.runtime.load_module(f"/proc/self/fd/{fd}", "so")
+    finally:
+        os.close(fd)
 
 
 class _Chunked:
@@ -103,14 +127,20 @@ class TvmComponent(_Chunked):
         import tvm
         from tvm import relax
 
+        from .selection import uses_amx
+
+        if uses_amx(artifact):
+            require_amx()
         use_all_cores()
         super().__init__(name, artifact, module)
         self.precision = artifact.precision
+        data = verified_bytes(artifact, "tvm")
         try:
-            lib = tvm.runtime.load_module(str(artifact.path / "lib.so"))
+            lib = load_tvm_library(data)
             self.vm = relax.VirtualMachine(lib, tvm.device(self.device.type, self.device.index or 0))
         except Exception as exc:  # TVM reports load failures with its own error classes
-            raise BackendUnavailableError(f"cannot load {artifact.path / 'lib.so'}: {exc}", param="backend") from exc
+            raise BackendUnavailableError(f"cannot load the TVM library of artifact {artifact.label}",
+                                          param="backend", detail=f"{artifact.path / 'lib.so'}: {exc}") from exc
         self._weights = [tvm.runtime.from_dlpack(w) for w in self.weight_tensors]
         self._main = self.vm["main"]
         lifted = self.vm.module.implements_function("main_transform_params")
@@ -189,12 +219,12 @@ class OnnxRuntimeComponent(_Chunked):
             raise BackendUnavailableError(f"this onnxruntime has no {provider} for {self.device} (on a GPU: pip "
                                           "install onnxruntime-gpu)", param="backend")
         options = [{"device_id": self.device.index or 0}] if self.device.type == "cuda" else [{}]
+        data = verified_bytes(artifact, "onnxruntime")
         try:
-            self.session = ort.InferenceSession(str(artifact.path / "model.onnx"), providers=[provider],
-                                                provider_options=options)
+            self.session = ort.InferenceSession(data, providers=[provider], provider_options=options)
         except Exception as exc:  # onnxruntime raises its own error classes for unreadable graphs
-            raise BackendUnavailableError(f"cannot load {artifact.path / 'model.onnx'}: {exc}",
-                                          param="backend") from exc
+            raise BackendUnavailableError(f"cannot load the ONNX graph of artifact {artifact.label}",
+                                          param="backend", detail=f"{artifact.path / 'model.onnx'}: {exc}") from exc
         self._inputs = [i["name"] for i in artifact.manifest.inputs]
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._binding = self.session.io_binding()

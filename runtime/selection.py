@@ -4,6 +4,12 @@
 device runs: on a GPU a CUDA build for its architecture; on the CPU its own target, or an instruction set it
 has, such as an AVX2 build on an AVX-512 machine) and loads cleanly, torch elsewhere; a broken artifact
 under `auto` logs a warning and falls back to torch, under `tvm`/`onnxruntime` it is an error that says why.
+
+Where artifacts of both precisions fit, the faster one on this CPU runs (`prefers_bf16`): bf16 when its
+matmuls run on AMX tiles, fp32 when they run through `vdpbf16ps`, which was slower than fp32 on a Sapphire
+Rapids Xeon (SD1.5 UNet 7.99 s against 6.34 s) and on Zen 4 (benchmarks/README.md). AMX artifacts run
+only once Linux has granted this process AMX tile state (runtime/amx.py); where it refuses, they are
+skipped, so `auto` falls back and `tvm` says why.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .amx import amx_refusal
 from .artifacts import Artifact, list_artifacts, resolution_key
 from .compiled import OnnxRuntimeComponent, TvmComponent, check_artifact
 from .components import Component, TorchComponent
@@ -64,10 +71,13 @@ class ComponentSelector:
                     continue
                 compiled = ", ".join(self.compiled_resolutions()) or "none"
                 where = f"at {resolution_key(resolution)}" if resolution else "(size-free)"
+                refused = amx_refusal() if any(uses_amx(a) for a in list_artifacts(self.root)
+                                               if a.model == self.model and a.component == name) else None
                 raise BackendUnavailableError(
                     f"no {name} artifact for {self.model} {where} with a batch dividing {total}; compiled "
                     f"resolutions for {self.model}: {compiled}. Build one with `sdaot compile --model {self.model}"
-                    + (f" --resolution {resolution_key(resolution)}`" if resolution else "`"),
+                    + (f" --resolution {resolution_key(resolution)}`" if resolution else "`")
+                    + (f". Its AMX artifacts were skipped: {refused}" if refused else ""),
                     param="backend",
                 )
             try:
@@ -104,12 +114,56 @@ def runs_here(artifact: Artifact, device: torch.device | None = None) -> bool:
         return False
     if artifact.precision == "bf16" and not host_has_avx512_bf16():
         return False
+    if uses_amx(artifact) and amx_refusal() is not None:
+        return False
     return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest.target, sort_keys=True))
 
 
+def uses_amx(artifact: Artifact) -> bool:
+    """Whether the artifact's kernels hold AMX instructions: bf16, built for a target with AMX-BF16."""
+    if artifact.precision != "bf16" or artifact.manifest.target.get("kind") != "llvm":
+        return False
+    try:
+        from .targets import bf16_unit_of
+    except ImportError:
+        return False
+    return bf16_unit_of(json.dumps(artifact.manifest.target, sort_keys=True)) == "amx"
+
+
+def prefers_bf16(artifact: Artifact) -> bool:
+    """Whether this artifact is the faster of two precisions on this CPU: a bf16 one whose matmuls run on AMX.
+    A bf16 artifact through `vdpbf16ps` loses to its fp32 twin (the module docstring gives the timings)."""
+    return uses_amx(artifact)
+
+
 def _best(found: list[Artifact], component: str, resolution: str, total: int, device: torch.device) -> Artifact | None:
-    """The largest fitting batch; where there is a choice, bf16 (compiled on purpose, for speed) over fp32, then
+    """The largest fitting batch; where there is a choice, the faster precision on this CPU (`prefers_bf16`), then
     one built for this very device."""
     matches = [a for a in found if a.component == component and a.resolution == resolution and total % a.batch == 0]
     key = device_target_key(device)
-    return max(matches, key=lambda a: (a.batch, a.precision == "bf16", a.target_key == key), default=None)
+    return max(matches, key=lambda a: (a.batch, prefers_bf16(a), a.target_key == key), default=None)
+
+
+def which_runs(artifacts: list[Artifact], device: torch.device | None = None) -> dict[Path, str]:
+    """For `sdaot artifacts`: per artifact, whether `auto`/`tvm` runs it on `device` (default: the CPU) for its
+    model, component, resolution and batch (`yes`), or why not."""
+    device = device or torch.device("cpu")
+    runnable = [a for a in artifacts if runs_here(a, device)]
+    notes = {}
+    for artifact in artifacts:
+        if artifact not in runnable:
+            refused = amx_refusal() if uses_amx(artifact) else None
+            notes[artifact.path] = "no: AMX refused" if refused else "no: not this device"
+            continue
+        twins = [a for a in runnable if (a.model, a.component, a.resolution, a.batch) ==
+                 (artifact.model, artifact.component, artifact.resolution, artifact.batch)]
+        best = _best(twins, artifact.component, artifact.resolution, artifact.batch, device)
+        if best is artifact:
+            notes[artifact.path] = "yes (bf16 on AMX)" if uses_amx(artifact) else "yes"
+        elif best is not None and prefers_bf16(best) and not prefers_bf16(artifact):
+            notes[artifact.path] = "no: bf16 on AMX is faster"
+        elif best is not None and best.precision != artifact.precision:
+            notes[artifact.path] = "no: fp32 is faster here"
+        else:
+            notes[artifact.path] = "no: a twin fits better"
+    return notes

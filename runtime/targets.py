@@ -7,6 +7,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .amx import cpu_flags, host_has_amx
 from .errors import InvalidRequestError
 
 
@@ -64,8 +65,9 @@ def host_has_avx512_bf16() -> bool:
 
 
 def precision_target(target: Any, precision: str) -> Any:
-    """The target to build `precision` for: for bf16, a CPU target whose instruction set has AVX-512 BF16 (this
-    host's target gains the feature when the CPU has it and LLVM's name for it does not list it).
+    """The target to build `precision` for. For bf16, a CPU target with AMX-BF16 (its matmuls then run on the
+    tile unit, kernels/amx_matmul.py) or else with AVX-512 BF16 (`vdpbf16ps`, kernels/bf16_matmul.py); this
+    host's target gains the feature its CPU reports in /proc/cpuinfo where LLVM's name for it does not list it.
 
     Raises InvalidRequestError (param `precision`) where the target cannot run bf16 kernels."""
     import tvm
@@ -77,14 +79,43 @@ def precision_target(target: Any, precision: str) -> Any:
         return target
     if target.kind.name != "llvm":
         raise InvalidRequestError("bf16 is implemented for CPU targets with AVX-512 BF16 only", param="precision")
-    if "avx512bf16" in _isa_features(target):
-        return target
-    if target_key(target) == target_key(resolve_target("cpu")) and host_has_avx512_bf16():
+    features = _isa_features(target)
+    host = target_key(target) == target_key(resolve_target("cpu"))
+    reported = (*(AMX_FEATURES if host_has_amx() else ()), *(("avx512bf16",) if host_has_avx512_bf16() else ()))
+    missing = [f for f in reported if f not in features] if host else []
+    if missing:
         config = target_json(target)
-        config["mattr"] = [*config.get("mattr", []), "+avx512bf16"]
+        config["mattr"] = [*config.get("mattr", []), *(f"+{f}" for f in missing)]
         return tvm.target.Target(config)
+    if "avx512bf16" in features or set(AMX_FEATURES) <= features:
+        return target
     raise InvalidRequestError(f"bf16 needs a CPU with AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later); "
                               f"target {target_key(target)} has none", param="precision")
+
+
+AMX_FEATURES = ("amx-tile", "amx-bf16")
+"""The LLVM features AMX bf16 kernels need; a target without them aborts LLVM on the first tile intrinsic."""
+
+
+def bf16_unit(target: Any) -> str | None:
+    """What a CPU target's bf16 matmuls run on: `amx` (tdpbf16ps tiles), `avx512_bf16` (vdpbf16ps vectors) or None."""
+    if target.kind.name != "llvm":
+        return None
+    features = _isa_features(target)
+    if set(AMX_FEATURES) <= features:
+        return "amx"
+    return "avx512_bf16" if "avx512bf16" in features else None
+
+
+@cache
+def bf16_unit_of(target: str) -> str | None:
+    """`bf16_unit` of a target given as its JSON text (an artifact manifest's), None where TVM cannot read it."""
+    import tvm
+
+    try:
+        return bf16_unit(tvm.target.Target(json.loads(target)))
+    except Exception:  # an unreadable target runs no bf16 kernels this machine can vouch for
+        return None
 
 
 # Instruction-set features whose instructions generated kernels contain. LLVM's list for a CPU name also
@@ -104,7 +135,9 @@ def _isa_features(target: Any) -> frozenset[str]:
 @cache
 def _host_isa_features() -> frozenset[str]:
     features = _isa_features(resolve_target("cpu"))
-    return features | {"avx512bf16"} if host_has_avx512_bf16() else features
+    if host_has_avx512_bf16():
+        features |= {"avx512bf16"}
+    return features | {flag.replace("_", "-") for flag in cpu_flags() if flag.startswith("amx_")}
 
 
 @cache
