@@ -44,3 +44,29 @@ def test_unreadable_files_are_a_clear_error_without_python_reprs(payload, says):
         decode_image(base64.b64encode(payload).decode(), "init_image", LIMIT)
     assert caught.value.param == "init_image" and says in caught.value.message
     assert "<_io" not in caught.value.message and "object at 0x" not in caught.value.message
+
+
+def test_only_the_png_jpeg_and_webp_parsers_ever_see_an_upload():
+    """A parser registered with Pillow (as every one of its dozens of plugins is) whose signature matches the
+    upload is never run: Image.open is limited to the three accepted formats."""
+    from PIL import ImageFile
+
+    opened = []
+
+    class Spy(ImageFile.ImageFile):
+        format = "SPY"
+
+        def _open(self) -> None:
+            opened.append(self.fp.read(8))
+            self._size = (1, 1)
+            self._mode = "RGB"
+            self.tile = []
+
+    Image.register_open("SPY", Spy, lambda prefix: prefix.startswith(b"SPYIMAGE"))
+    try:
+        with pytest.raises(InvalidRequestError) as caught:
+            decode_image(base64.b64encode(b"SPYIMAGE" + bytes(64)).decode(), "image", LIMIT)
+    finally:
+        Image.OPEN.pop("SPY")
+        Image.ID.remove("SPY")
+    assert opened == [] and "is a SPY image; send PNG, JPEG or WebP" in caught.value.message
