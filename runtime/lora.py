@@ -1,7 +1,7 @@
 """LoRA without recompiling: merge low-rank updates into the shared weight tensors, restore them exactly.
 
-Files are read with diffusers' own LoRA loader (PEFT/diffusers and kohya `lora_unet_...` naming, alphas
-included) and normalised to PEFT keys. Merging writes `W += weight * alpha/rank * B @ A` into the very
+Files are read by `lora_file` (kohya, PEFT/diffusers and older diffusers layouts, each update at its own
+alpha/rank). Merging writes `W += weight * alpha/rank * up @ down` into the very
 tensors that the torch modules and the compiled TVM / onnxruntime components read, so a LoRA applies to
 every backend with no rebuild and no second copy of the model; only the touched tensors are backed up.
 """
@@ -12,14 +12,18 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from .errors import InvalidRequestError
+from .lora_file import LoraDelta, read_lora
 from .weights import ModelBundle
 
 MAX_WEIGHT = 4.0
+FILES_KEPT = 4  # LoRA files whose tensors stay in memory between requests
+LISTINGS_KEPT = 256  # /v1/models rows kept (header reads)
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +44,6 @@ def available_loras(folder: Path | None) -> dict[str, Path]:
 
 
 @dataclass(frozen=True)
-class LoraDelta:
-    """One low-rank update of one weight tensor."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float
-
-    def delta(self, shape: torch.Size) -> torch.Tensor:
-        """The full-rank update B @ A * alpha/rank in the weight's shape (linear or conv)."""
-        return (self.up.flatten(1).float() @ self.down.flatten(1).float()).reshape(shape) * self.scale
-
-    def fits(self, shape: torch.Size) -> bool:
-        """Whether B @ A has the weight's output rows and as many inputs per row."""
-        up, down = self.up.flatten(1), self.down.flatten(1)
-        return (len(shape) >= 2 and up.shape[0] == shape[0] and up.shape[1] == down.shape[0]
-                and down.shape[1] * shape[0] == torch.Size(shape).numel())
-
-    def describe(self) -> str:
-        """The update's shape, outputs x inputs."""
-        return f"{self.up.shape[0]}x{self.down.flatten(1).shape[1]}"
-
-
-@dataclass(frozen=True)
 class LoraFile:
     """A LoRA file read and matched against one model: the updates to merge, and what matched nothing."""
 
@@ -75,44 +56,10 @@ class LoraFile:
         return 2 * len(self.deltas)
 
     def describe(self, name: str) -> dict:
-        """The /v1/models listing entry."""
-        return {"name": name, "tensors_matched": self.tensors_matched, "tensors_unmatched": len(self.unmatched)}
-
-
-def read_lora(path: Path, is_sdxl: bool) -> tuple[dict[str, LoraDelta], list[str]]:
-    """Read a LoRA file into updates keyed by '<network>.<parameter name>' (e.g. 'unet.conv_in.weight'),
-    and the file's keys that make no update (neither half of a down/up pair)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
-
-    loader = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    try:
-        state, alphas = loader.lora_state_dict(str(path))[:2]
-    except Exception as exc:  # diffusers raises assorted errors for files it cannot interpret
-        raise InvalidRequestError(f"cannot read LoRA file {path.name}: {exc}", param="loras") from exc
-    alphas = alphas or {}
-
-    def to_peft(keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        unet = {k: v for k, v in keys.items() if k.startswith("unet.")}
-        text = {k: v for k, v in keys.items() if not k.startswith("unet.")}
-        out = convert_unet_state_dict_to_peft(unet) if unet else {}
-        if any("_lora." in k or ".lora_linear_layer." in k for k in text):
-            text = convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS_OLD)
-        return out | text
-
-    tensors = to_peft(state)
-    alpha_of = {next(iter(to_peft({k.removesuffix(".alpha"): torch.zeros(1)}))): v for k, v in alphas.items()}
-    deltas, paired = {}, set()
-    for key, down in tensors.items():
-        up_key = key.replace(".lora_A.", ".lora_B.")
-        if ".lora_A." not in key or up_key not in tensors:
-            continue
-        rank = down.shape[0]
-        alpha = float(alpha_of.get(key, rank))
-        deltas[key.replace(".lora_A.weight", ".weight")] = LoraDelta(down, tensors[up_key], alpha / rank)
-        paired.update((key, up_key))
-    return deltas, [k for k in tensors if k not in paired]
+        """The /v1/models listing entry: what matches, and how many updates had an alpha or ran at rank."""
+        with_alpha = sum(d.alpha is not None for d in self.deltas.values())
+        return {"name": name, "tensors_matched": self.tensors_matched, "tensors_unmatched": len(self.unmatched),
+                "updates_with_alpha": with_alpha, "updates_at_rank": len(self.deltas) - with_alpha}
 
 
 def validate_loras(folder: Path | None, loras: dict[str, float]) -> dict[str, float]:
@@ -141,38 +88,37 @@ class LoraMerger:
                         for name, p in module.named_parameters()}
         self._backup: dict[str, torch.Tensor] = {}
         self._current: dict[str, float] = {}
-        self._files: dict[str, LoraFile | InvalidRequestError] = {}  # a refused file is read once too
+        self._read_file = lru_cache(maxsize=FILES_KEPT)(self._match)
+        self._listing = lru_cache(maxsize=LISTINGS_KEPT)(self._describe_file)
 
     def names(self) -> list[str]:
         """LoRA names this model can use."""
         return list(available_loras(self.folder))
 
     def describe(self) -> list[dict]:
-        """Every LoRA file with how many of its updates match this model's weights (read once per file);
-        a file that cannot be used says why."""
-        rows = []
-        for name in self.names():
-            try:
-                rows.append(self._read(name).describe(name))
-            except InvalidRequestError as exc:
-                rows.append({"name": name, "error": exc.message})
-        return rows
+        """Every LoRA file with how many of its updates match this model's weights and how many had an alpha;
+        a file that cannot be used says why. Read from the files' headers, so a large folder costs little."""
+        return [self._listing(name, *self._version(name)) for name in self.names()]
+
+    def _version(self, name: str) -> tuple[int, int]:
+        """The file's modification time and size: a rewritten file is read anew."""
+        stat = available_loras(self.folder)[name].stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def _describe_file(self, name: str, *version: int) -> dict:
+        try:
+            return self._match(name, *version, header_only=True).describe(name)
+        except InvalidRequestError as exc:
+            return {"name": name, "error": exc.message}
 
     def _read(self, name: str) -> LoraFile:
         """The file's updates, every one checked against the weight it changes, before anything is merged;
-        a file is read once, whether it is used or refused."""
-        if name not in self._files:
-            try:
-                self._files[name] = self._match(name)
-            except InvalidRequestError as exc:
-                self._files[name] = exc
-        found = self._files[name]
-        if isinstance(found, InvalidRequestError):
-            raise InvalidRequestError(found.message, param=found.param)
-        return found
+        the last few files used stay in memory."""
+        return self._read_file(name, *self._version(name))
 
-    def _match(self, name: str) -> LoraFile:
-        deltas, unpaired = read_lora(available_loras(self.folder)[name], self.bundle.spec.is_sdxl)
+    def _match(self, name: str, *version: int, header_only: bool = False) -> LoraFile:
+        """Read and check one file against this model (`version` only keys the caches)."""
+        deltas, unpaired = read_lora(available_loras(self.folder)[name], self.bundle.spec.is_sdxl, header_only)
         model = self.bundle.spec.name
         weight_of = {k: self._weight_key(k) for k in deltas}
         matched = {weight_of[k]: d for k, d in deltas.items() if weight_of[k] is not None}

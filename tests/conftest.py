@@ -167,6 +167,11 @@ def make_loras(folder):
         mostly |= {f"unet.{block}.to_q.lora_A.weight": torch.randn(4, 8, generator=gen),
                    f"unet.{block}.to_q.lora_B.weight": torch.randn(8, 4, generator=gen)}
     save_file(mostly, str(folder / "Mostly_Foreign.safetensors"))
+    # An update with its alpha, and an alpha that belongs to no update: refused, never merged at a guess.
+    stray = {f"unet.{ATTN}.attn2.to_v.lora_A.weight": torch.randn(4, 32, generator=gen),
+             f"unet.{ATTN}.attn2.to_v.lora_B.weight": torch.randn(32, 4, generator=gen),
+             f"unet.{ATTN}.attn2.to_v.alpha": torch.tensor(2.0), "unet.mid_block.to_q.alpha": torch.tensor(2.0)}
+    save_file(stray, str(folder / "Stray_Alpha.safetensors"))
     return folder
 
 

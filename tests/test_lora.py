@@ -59,11 +59,12 @@ def test_weights_are_restored_bit_for_bit(lora_folder):
 @pytest.mark.parametrize(
     ("loras", "match"),
     [({"Nope": 0.5}, "unknown LoRA 'Nope'; available: Foreign, Logo, Mostly_Foreign, Pixel_Art, Sd2_Width, "
-                      "Text_Mlp"),
+                      "Stray_Alpha, Text_Mlp"),
      ({"Pixel_Art": 4.5}, "outside"),
      ({"Foreign": 1.0}, "matches no weight"),
      ({"Mostly_Foreign": 1.0}, "Mostly_Foreign': 6 of its tensors match no weight of SD1.5 and only 2 do"),
-     ({"Sd2_Width": 1.0}, r"attn2.to_k.weight is 32x1024 but SD1.5's weight is 32x32")],
+     ({"Sd2_Width": 1.0}, r"attn2.to_k.weight is 32x1024 but SD1.5's weight is 32x32"),
+     ({"Stray_Alpha": 1.0}, r"alpha entry 'unet.mid_block.to_q.alpha' belongs to no update")],
 )
 def test_bad_loras_are_clear_errors(lora_folder, loras, match):
     pipe = load_pipeline("SD1.5", "tiny", lora_folder=lora_folder)
@@ -98,7 +99,9 @@ def test_kohya_text_encoder_mlp_updates_are_merged_and_every_file_reports_its_ma
     pipe.generate(request(loras={"Text_Mlp": 1.0}))
     assert not torch.equal(fc1, before), "the MLP update of the text encoder was dropped"
     listing = {row["name"]: row for row in pipe.loras.describe()}
-    assert listing["Text_Mlp"] == {"name": "Text_Mlp", "tensors_matched": 4, "tensors_unmatched": 0}
-    assert listing["Pixel_Art"] == {"name": "Pixel_Art", "tensors_matched": 6, "tensors_unmatched": 0}
+    assert listing["Text_Mlp"] == {"name": "Text_Mlp", "tensors_matched": 4, "tensors_unmatched": 0,
+                                   "updates_with_alpha": 2, "updates_at_rank": 0}
+    assert listing["Pixel_Art"] == {"name": "Pixel_Art", "tensors_matched": 6, "tensors_unmatched": 0,
+                                    "updates_with_alpha": 3, "updates_at_rank": 0}
     assert "matches no weight" in listing["Foreign"]["error"]
     assert "6 of its tensors match no weight" in listing["Mostly_Foreign"]["error"]

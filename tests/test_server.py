@@ -33,6 +33,7 @@ def start_server(extra_args, env_extra=None, wait_for="/readyz"):
            *extra_args]
     log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads fills up and blocks the server's logging
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # the server's output, for tests that read its log
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -268,7 +269,9 @@ def test_loras_and_controlnets_over_http(server):
     models = {m["name"]: m for m in httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"]}
     assert {"Foreign", "Logo", "Pixel_Art"} <= set(models["SD1.5"]["loras"])
     files = {row["name"]: row for row in models["SD1.5"]["lora_files"]}
-    assert files["Logo"] == {"name": "Logo", "tensors_matched": 2, "tensors_unmatched": 0}
+    assert files["Logo"] == {"name": "Logo", "tensors_matched": 2, "tensors_unmatched": 0,
+                             "updates_with_alpha": 0, "updates_at_rank": 1}
+    assert "'unet.mid_block.to_q.alpha' belongs to no update" in files["Stray_Alpha"]["error"]
     assert "matches no weight" in files["Foreign"]["error"]
     assert models["SD1.5"]["max_concurrent_generations"] == 1
     assert {c["name"] for c in models["SD1.5-ControlNet"]["controlnets"]} >= {"canny", "depth", "openpose",
@@ -282,6 +285,8 @@ def test_loras_and_controlnets_over_http(server):
     assert "available: Foreign, Logo, Mostly_Foreign, Pixel_Art" in unknown
     assert_error(post(server, base | {"loras": {"Logo": 7}}), 400, "loras")
     assert_error(post(server, base | {"loras": {"Foreign": 1}}), 400, "loras")
+    stray = assert_error(post(server, base | {"loras": {"Stray_Alpha": 1}}), 400, "loras")["message"]
+    assert "alpha entry 'unet.mid_block.to_q.alpha' belongs to no update" in stray
     assert_error(post(server, base | {"loras": {"Logo": "heavy"}}), 422, "loras.Logo")
 
     control = png_b64(Image.new("RGB", (64, 64), (90, 10, 200)))
