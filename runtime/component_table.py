@@ -18,6 +18,7 @@ from torch import nn
 
 from .components import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule
 from .resolution import Resolution
+from .tokenizer import TEXT_ENCODER_TOKENIZERS
 
 if TYPE_CHECKING:
     from .registry import ModelSpec
@@ -127,14 +128,13 @@ COMPONENTS: dict[str, ComponentSpec] = {spec.name: spec for spec in (
     ComponentSpec("unet", False, BatchRule.GUIDED, _denoiser_inputs, lambda b: UNetModule(b.unet)),
     ComponentSpec("vae_decoder", False, BatchRule.IMAGES, _latents, lambda b: VaeDecoderModule(b.vae)),
     ComponentSpec("vae_encoder", False, BatchRule.ONCE, _image, lambda b: VaeEncoderModule(b.vae)),
-    ComponentSpec("text_encoder", True, BatchRule.ONCE, _token_ids, _text_encoder("text_encoder"), "tokenizer"),
+    ComponentSpec("text_encoder", True, BatchRule.ONCE, _token_ids, _text_encoder("text_encoder"),
+                  TEXT_ENCODER_TOKENIZERS["text_encoder"]),
     ComponentSpec("text_encoder_2", True, BatchRule.ONCE, _token_ids, _text_encoder("text_encoder_2"),
-                  "tokenizer_2"),
+                  TEXT_ENCODER_TOKENIZERS["text_encoder_2"]),
     ComponentSpec("controlnet", False, BatchRule.GUIDED, _controlnet_inputs, None),
     ComponentSpec("unet_controlnet", False, BatchRule.GUIDED, _controlled_denoiser_inputs, None),
 )}
-TEXT_ENCODERS = tuple(name for name, spec in COMPONENTS.items() if spec.tokenizer)
-"""The text encoders in prompt order (`prompt` feeds the first, `prompt_2` the second)."""
 
 
 def example_inputs(bundle: ModelBundle, name: str, resolution: Resolution | None, batch: int,

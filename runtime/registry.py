@@ -43,7 +43,7 @@ class ModelSpec:
     @property
     def text_encoders(self) -> list[str]:
         """Names of the text encoder networks this model uses, in prompt order."""
-        from .component_table import TEXT_ENCODERS
+        from .tokenizer import TEXT_ENCODERS
 
         return [n for n in TEXT_ENCODERS if n in self.networks]
 

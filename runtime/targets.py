@@ -21,8 +21,6 @@ def resolve_target(spec: str = "cpu") -> Any:
     if spec == "cuda":
         import torch
 
-        from .devices import cuda_target_key
-
         arch = cuda_target_key(torch.device("cuda")).removeprefix("cuda-") if torch.cuda.is_available() else "sm_90"
         return tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32})
     try:
@@ -41,6 +39,29 @@ def target_key(target: Any) -> str:
     attrs = target.attrs
     detail = attrs.get("mcpu") if target.kind.name == "llvm" else attrs.get("arch")
     return f"{target.kind.name}-{detail or 'generic'}"
+
+
+def cuda_target_key(device: Any) -> str:
+    """The artifact target key of a CUDA GPU (`cuda-sm_90` for an H100/H200), as `sdaot compile --target cuda`
+    files its builds for that GPU."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda-sm_{major}{minor}"
+
+
+@cache
+def host_target_key() -> str | None:
+    """The artifact target key of this machine's CPU, or None when TVM cannot be imported."""
+    try:
+        return target_key(resolve_target("cpu"))
+    except ImportError:
+        return None
+
+
+def device_target_key(device: Any) -> str | None:
+    """The artifact target key of a torch device, or None when TVM cannot be imported (for the CPU)."""
+    return cuda_target_key(device) if device.type == "cuda" else host_target_key()
 
 
 def target_json(target: Any) -> dict[str, Any]:

@@ -15,6 +15,10 @@ from transformers import CLIPTokenizer
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77
+TEXT_ENCODER_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+"""Each text encoder and the tokenizer that feeds it, in prompt order (`prompt` feeds the first, `prompt_2` the
+second): the names diffusers gives them in a model folder."""
+TEXT_ENCODERS = tuple(TEXT_ENCODER_TOKENIZERS)
 _NUM_MERGES = 49152 - 256 - 2
 
 

@@ -21,10 +21,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .component_table import COMPONENTS
 from .errors import WeightsNotFoundError
 from .registry import ModelSpec, architectures
-from .tokenizer import clip_tokenizer
+from .tokenizer import TEXT_ENCODER_TOKENIZERS, clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +74,11 @@ def build_random(spec: ModelSpec, size: str, seed: int | None = None) -> ModelBu
 
 def built_in_tokenizers(spec: ModelSpec) -> dict[str, CLIPTokenizer]:
     """CLIP's tokenizer (shipped vocabulary) for each of the model's text encoders, with the model's pad token."""
-    return {COMPONENTS[name].tokenizer: clip_tokenizer(_pad(spec, name)) for name in spec.text_encoders}
+    return {TEXT_ENCODER_TOKENIZERS[name]: clip_tokenizer(_pad(spec, name)) for name in spec.text_encoders}
 
 
 def _pad(spec: ModelSpec, encoder_name: str) -> str:
-    return spec.tokenizer_pads.get(COMPONENTS[encoder_name].tokenizer, "<|endoftext|>")
+    return spec.tokenizer_pads.get(TEXT_ENCODER_TOKENIZERS[encoder_name], "<|endoftext|>")
 
 
 def save_diffusers_folder(bundle: ModelBundle, folder: Path, with_weights: bool = True) -> None:
@@ -160,7 +159,7 @@ def load_diffusers_layout(spec: ModelSpec, location: str, source: str, local_onl
     }
     tokenizers = {}
     for name in encoders:
-        tok_name = COMPONENTS[name].tokenizer
+        tok_name = TEXT_ENCODER_TOKENIZERS[name]
         try:
             tokenizers[tok_name] = CLIPTokenizer.from_pretrained(location, subfolder=tok_name, **kwargs)
         except OSError:
