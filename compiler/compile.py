@@ -160,6 +160,7 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         tuned_note = f", {info.scheduled_functions} with tuned schedules" if tuning else ""
         winograd_note = f", {info.winograd_convolutions} convolutions by Winograd" if conv_algorithm != "direct" else ""
         bf16_note = f", {info.bf16_matmuls} matmuls in bf16" if precision != "fp32" else ""
+        bf16_note += f" ({info.amx_matmuls} on AMX tiles)" if info.amx_matmuls else ""
         log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note}"
             f"{winograd_note}{bf16_note})")
         describe_artifact(bundle, job, graph, target, lib_sha256=file_sha256(tmp / "lib.so"),

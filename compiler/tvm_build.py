@@ -14,6 +14,7 @@ import onnx
 
 from .fast_math import use_fast_math
 from .kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
+from .kernels.amx_matmul import AmxLegalization
 from .kernels.attention import fuse_attention
 from .kernels.bf16_matmul import Bf16Legalization
 from .kernels.winograd import use_winograd
@@ -29,6 +30,7 @@ class BuildInfo:
     tuning: TuningReport | None
     winograd_convolutions: int = 0
     bf16_matmuls: int = 0
+    amx_matmuls: int = 0
 
 
 WEIGHT_TRANSFORMS = ("per-call", "once")
@@ -57,7 +59,8 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     copies and saves their computation on every call.
 
     With `precision="bf16"` (a CPU target with AVX-512 BF16), matmuls run in bf16 with fp32 sums
-    (kernels/bf16_matmul.py): the linear layers, and every Winograd convolution's 36 products.
+    (kernels/bf16_matmul.py): the linear layers, and every Winograd convolution's 36 products. On a target
+    with AMX-BF16 the linear layers run on AMX tiles instead (kernels/amx_matmul.py).
     """
     import tvm
     from tvm import relax
@@ -78,7 +81,7 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     if cpu:
         mod = fuse_attention(mod)
         mod, winograd_convolutions = use_winograd(mod, conv_algorithm, weight_transforms == "once")
-    bf16 = Bf16Legalization()
+    bf16 = AmxLegalization() if cpu and AmxLegalization.applies(cpu_profile(target)) else Bf16Legalization()
     mod = use_fast_math(mod, bf16.legalization_map() if precision == "bf16" else {})
     if weight_transforms == "once":
         mod["main"] = mod["main"].with_attr("num_input", num_inputs)
@@ -111,4 +114,4 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
     executable = tvm.compile(mod, target=target)
     executable.export_library(str(out_path))
     return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions,
-                     bf16.rewritten)
+                     bf16.rewritten, bf16.tiled if isinstance(bf16, AmxLegalization) else 0)

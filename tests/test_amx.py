@@ -7,11 +7,17 @@ CI machine); the refusal path, the compilation to tdpbf16ps and the selection ru
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import tvm
 from click.testing import CliRunner
+from conftest import matmul_graph
+from tvm import relax
 
+from sdaot.compiler.fast_math import use_fast_math
+from sdaot.compiler.kernels import apply_fallback_rules, apply_rules_before_tuning, cpu_profile
+from sdaot.compiler.kernels.amx_matmul import AmxLegalization, amx_rewritable
 from sdaot.runtime import amx, selection, targets
 from sdaot.runtime.amx import AmxUnavailableError, amx_refusal, host_has_amx, request_tile_permission
 from sdaot.runtime.artifacts import Artifact, Manifest, artifact_dir
@@ -129,3 +135,60 @@ def test_amx_bf16_is_preferred_over_its_fp32_twin_where_amx_is_granted(tmp_path,
     assert which_runs([fp32, amx_build, vnni]) == {fp32.path: "no: bf16 on AMX is faster",
                                                    amx_build.path: "yes (bf16 on AMX)",
                                                    vnni.path: "no: bf16 on AMX is faster"}
+
+
+def amx_build(a_shape, b_shape, bias):
+    """Compile `a @ b (+ c)` for a Sapphire Rapids target as `--precision bf16` would: (executable, assembly,
+    matmuls on tiles, matmuls on vectors)."""
+    target = tvm.target.Target(SPR_TARGET)
+    legalization = AmxLegalization()
+    graph = use_fast_math(matmul_graph(a_shape, b_shape, bias), legalization.legalization_map())
+    with target:
+        graph = relax.get_pipeline("zero")(graph)
+    executable = tvm.compile(apply_fallback_rules(apply_rules_before_tuning(graph, target), target), target=target)
+    assembly = "".join(m.inspect_source("asm") for m in executable.mod.imports) or \
+        executable.mod.inspect_source("asm")
+    return executable, assembly, legalization.tiled, legalization.vector.rewritten
+
+
+AMX_SHAPES = [
+    ((2, 77, 64), (64, 96), True, 1),    # 154 text-token rows: padded to 160, the bias as epilogue
+    ((64, 128), (128, 64), False, 1),    # whole 32 x 32 blocks, four reduction steps
+    ((4, 32), (32, 48), False, 0),       # 48 columns: no whole 2 x 2 tile blocks, vdpbf16ps instead
+]
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape", "bias", "tiled"), AMX_SHAPES)
+def test_amx_matmul_compiles_to_tdpbf16ps(a_shape, b_shape, bias, tiled):
+    _, assembly, on_tiles, on_vectors = amx_build(a_shape, b_shape, bias)
+    assert (on_tiles, on_vectors) == (tiled, 1 - tiled)
+    assert ("tdpbf16ps" in assembly) == bool(tiled)
+    if tiled:
+        for instruction in ("ldtilecfg", "tilezero", "tileloadd", "tilestored", "tilerelease"):
+            assert instruction in assembly
+        assert "andq\t$-64" in assembly, "the tile configuration sits at a 64-byte aligned address"
+    else:
+        assert "vdpbf16ps" in assembly
+
+
+def test_amx_is_chosen_from_the_target():
+    assert AmxLegalization.applies(cpu_profile(tvm.target.Target(SPR_TARGET)))
+    assert not AmxLegalization.applies(cpu_profile(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})))
+    assert amx_rewritable((2, 4096, 320), (320, 1280))
+    assert not amx_rewritable((2, 8, 16, 64), (2, 8, 64, 64)), "batched right-hand sides stay on vdpbf16ps"
+    assert not amx_rewritable((4, 48), (48, 64)), "a reduction of 48 is no whole number of A tiles"
+
+
+@needs_amx
+@pytest.mark.parametrize(("a_shape", "b_shape", "bias", "tiled"), AMX_SHAPES[:2])
+def test_amx_matmul_equals_torch_on_bf16_operands(a_shape, b_shape, bias, tiled):
+    request_tile_permission()
+    executable, _, _, _ = amx_build(a_shape, b_shape, bias)
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal(s, dtype=np.float32) for s in (a_shape, b_shape))
+    c = rng.standard_normal(b_shape[-1], dtype=np.float32)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(x) for x in ([a, b, c] if bias else [a, b]))).numpy()
+    rounded = (torch.from_numpy(a).bfloat16().float() @ torch.from_numpy(b).bfloat16().float()).numpy() \
+        + (c if bias else 0)
+    assert np.abs(out - rounded).max() / np.abs(rounded).max() < 1e-5

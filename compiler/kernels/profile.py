@@ -32,6 +32,7 @@ class CpuProfile:
     l2_bytes: int
     avx512_bf16: bool = False
     amx: bool = False
+    amx_bf16: bool = False
     neon: bool = False
 
     @property
@@ -79,7 +80,8 @@ def _profile(cpu: str, features: frozenset[str], host: bool) -> CpuProfile:
     l1, l2 = _host_caches() if host else (TYPICAL_L1_BYTES, TYPICAL_L2_BYTES)
     return CpuProfile(cpu=cpu, lanes=lanes, vector_registers=registers,
                       fma_units=2 if "fma" in features or neon else 1, l1_bytes=l1, l2_bytes=l2,
-                      avx512_bf16="avx512bf16" in features, amx="amx-tile" in features, neon=neon)
+                      avx512_bf16="avx512bf16" in features, amx="amx-tile" in features,
+                      amx_bf16="amx-bf16" in features, neon=neon)
 
 
 def _is_host_cpu(cpu: str) -> bool:
