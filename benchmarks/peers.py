@@ -3,7 +3,9 @@
 A peer gets the best chance it has on a CPU: a plain ONNX export of the component with its weights as
 initializers (so onnxruntime can pre-pack them and apply its NCHWc layout transformer, and OpenVINO can
 fold and re-layout them), onnxruntime at ORT_ENABLE_ALL, OpenVINO's CPU plugin at its default precision
-(bf16 on CPUs with avx512_bf16 or AMX, f32 elsewhere) and, as a second row, held to f32. Every peer uses
+(bf16 on CPUs with avx512_bf16 or AMX, f32 elsewhere) and, as a second row, held to f32; and eager torch
+under `torch.autocast("cpu", dtype=torch.bfloat16)` (`torch-bf16`), the two lines its users add for bf16
+(oneDNN then runs the matmuls and convolutions in bf16: on AMX where the CPU has it). Every peer uses
 as many threads as torch. The peer libraries are an optional extra (`pip install sdaot[peers]`): a
 missing one is reported in its row, never fatal.
 
@@ -25,9 +27,21 @@ import torch
 from sdaot.compiler.export import OPSET
 
 ISA_LIMIT_VARIABLES = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-PEERS = ("onnxruntime", "openvino", "openvino-f32")
+PEERS = ("onnxruntime", "openvino", "openvino-f32", "torch-bf16")
+DEFAULT_BACKENDS = ("tvm", "onnxruntime", "openvino", "openvino-f32", "torch")
 OPENVINO_PRECISIONS = {"f32": "fp32", "f16": "fp16"}
 """OpenVINO's element type names, as the bench spells precisions (bf16 is the same in both)."""
+
+
+def default_backends() -> list[str]:
+    """`sdaot bench`'s backends when none are named: with `torch-bf16` beside `openvino` on CPUs with
+    avx512_bf16, where OpenVINO's default is bf16 too, so both bf16 peers are held against tvm."""
+    from sdaot.runtime.targets import host_has_avx512_bf16
+
+    backends = list(DEFAULT_BACKENDS)
+    if host_has_avx512_bf16():
+        backends.insert(backends.index("openvino") + 1, "torch-bf16")
+    return backends
 
 
 def isa_limits() -> dict[str, str]:
@@ -108,10 +122,27 @@ class OpenVinoPeer(_GraphPeer):
         return [results[port] for port in self.compiled.outputs]
 
 
+class TorchBf16Peer:
+    """A component in eager torch under bf16 autocast, as torch's users run bf16 on a CPU: matmuls and
+    convolutions in bf16, the ops autocast keeps in fp32 (norms, softmax) in fp32; outputs returned as fp32."""
+
+    precision = "bf16"
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = self.module(*inputs)
+        return tuple(out.float() for out in ([outputs] if isinstance(outputs, torch.Tensor) else outputs))
+
+
 def load_peer(backend: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], scratch: Path,
-              exports: dict[int, Path]) -> _GraphPeer:
+              exports: dict[int, Path]) -> _GraphPeer | TorchBf16Peer:
     """A callable running `module` on the peer `backend`; the plain export is made once per module (under
-    `scratch`, kept in `exports`) and shared by the peers."""
+    `scratch`, kept in `exports`) and shared by the graph peers."""
+    if backend == "torch-bf16":
+        return TorchBf16Peer(module)
     if id(module) not in exports:
         exports[id(module)] = plain_onnx_export(module, inputs, Path(tempfile.mkdtemp(prefix="peer-", dir=scratch)))
     path, names = exports[id(module)], list(module.input_names)

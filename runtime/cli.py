@@ -293,11 +293,13 @@ def artifacts(as_json: bool, root: Path | None) -> None:
 @click.option("--model", "model_name", required=True)
 @click.option("--weights", default="random", show_default=True, help="random = full-size architecture.")
 @click.option("--resolution", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
-@click.option("--backends", default="tvm,onnxruntime,openvino,openvino-f32,torch", show_default=True,
+@click.option("--backends", default=None,
               help="Any of tvm, tvm-bf16 (the --precision bf16 artifact), tvm-untuned, onnxruntime-artifact (the "
                    "runtime's onnxruntime backend), the peers "
-                   "onnxruntime, openvino, openvino-f32 (plain exports as their users run them), torch, "
-                   "torch-compile.")
+                   "onnxruntime, openvino, openvino-f32 (plain exports as their users run them), torch-bf16 (eager "
+                   "torch under bf16 autocast), torch, torch-compile. Default: "
+                   "tvm,onnxruntime,openvino,openvino-f32,torch, with torch-bf16 after openvino on CPUs with "
+                   "avx512_bf16.")
 @click.option("--components", default="unet,vae_decoder,text_encoder", show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="UNet calls per image, for end-to-end time.")
 @click.option("--warmup", type=int, default=1, show_default=True)
@@ -312,11 +314,12 @@ def artifacts(as_json: bool, root: Path | None) -> None:
                    "report their PSNR against the 35 dB gate (0: skip).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
               show_default=True)
-def bench(model_name: str, weights: str, resolution: str | None, backends: str, components: str, steps: int,
+def bench(model_name: str, weights: str, resolution: str | None, backends: str | None, components: str, steps: int,
           warmup: int, repeat: int, target: str, artifacts_root: Path | None, profile: bool, quality_steps: int,
           out_dir: Path) -> None:
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
     try:
+        from sdaot.benchmarks.peers import default_backends
         from sdaot.benchmarks.runner import BACKENDS, markdown, run_bench
     except ImportError as exc:
         raise SdaotError(f"benchmarking needs the bench extra (pip install 'sdaot[bench]'): {exc}") from exc
@@ -328,7 +331,7 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str, 
 
     quiet_libraries()
     spec = get_model(model_name)
-    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else default_backends()
     for b in chosen:
         if b not in BACKENDS:
             raise InvalidRequestError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}", param="backends")
@@ -344,20 +347,12 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str, 
     click.echo(markdown(report))
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--root-path", default="", metavar="PREFIX",
+              help="Path prefix the server is reached under, behind a proxy that strips it (e.g. /sdaot): "
+                   "links, the web page and the API docs use it. Not with --ray.")
 @click.option("--weights", default=lambda: os.environ.get("SDAOT_WEIGHTS", "tiny"), show_default="tiny",
               help="tiny (built-in demo) | random | a diffusers folder or file (then serve one model).")
 @click.option("--models", default="SD1.5,SDXL1.0-base,SDXL-turbo", show_default=True,
@@ -380,9 +375,20 @@ def _is_loopback(host: str) -> bool:
 @click.option("--keep-finished", "keep_finished_s", type=float, default=3600.0, show_default=True,
               help="Seconds a finished job's result stays readable (GET /v1/jobs/{id}); 404 after that.")
 @click.option("--keep-finished-count", "keep_finished", type=int, default=256, show_default=True,
-              help="Finished jobs kept at most; the oldest are dropped first.")
-@click.option("--webhook-allow", default="", help="Comma-separated hosts webhooks may be sent to (default: any "
-                                                  "http(s) host; set it where clients are not trusted).")
+              help="Finished jobs kept at most per API key; the key's oldest are dropped first.")
+@click.option("--keep-finished-bytes", type=int, default=256 * 1024 * 1024, show_default=True,
+              help="Bytes of finished jobs' encoded images kept per API key; the key's oldest jobs are dropped "
+                   "first (its newest finished job always stays).")
+@click.option("--max-jobs-per-key", type=int, default=8, show_default=True,
+              help="Unfinished jobs one API key may have; more answer 429.")
+@click.option("--max-event-streams", type=int, default=64, show_default=True,
+              help="Job event streams (GET /v1/jobs/{id}/events) open at once; more answer 429.")
+@click.option("--max-event-streams-per-key", type=int, default=4, show_default=True,
+              help="Job event streams one API key may have open; more answer 429.")
+@click.option("--webhook-allow", default="",
+              help="Comma-separated hosts webhooks may be sent to, even when private or loopback (default: any "
+                   "host with only public addresses; loopback, private, link-local and other internal addresses "
+                   "are refused in every spelling).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Serve through Ray Serve on a cluster (ADDRESS, else RAY_ADDRESS or a new local one): one "
@@ -398,10 +404,11 @@ def _is_loopback(host: str) -> bool:
               help="With --ray: CPUs each model replica reserves (its torch threads).")
 @click.option("--replica-gpus", type=float, default=0.0, show_default=True,
               help="With --ray: GPUs each model replica reserves.")
-def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path | None, workers: int,
+def serve(host: str, port: int, root_path: str, weights: str, models: str, artifacts_root: Path | None, workers: int,
           queue_size: int, timeout_s: float, api_key_file: Path | None, insecure_no_auth: bool,
           lora_dir: Path | None, controlnet_dir: Path | None, max_queued_jobs: int, keep_finished_s: float,
-          keep_finished: int, webhook_allow: str, device: str, ray_address: str | None, replicas: int,
+          keep_finished: int, keep_finished_bytes: int, max_jobs_per_key: int, max_event_streams: int,
+          max_event_streams_per_key: int, webhook_allow: str, device: str, ray_address: str | None, replicas: int,
           min_replicas: int,
           max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
           replica_gpus: float) -> None:
@@ -414,6 +421,7 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
     try:
         import uvicorn
 
+        from .access import is_loopback
         from .server import create_app
         from .serving import ServerConfig
     except ImportError as exc:
@@ -423,7 +431,7 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
     keys = [k.strip() for k in os.environ.get("SDAOT_API_KEYS", "").split(",") if k.strip()]
     if api_key_file:
         keys += [line.strip() for line in api_key_file.read_text().splitlines() if line.strip()]
-    if not keys and not _is_loopback(host):
+    if not keys and not is_loopback(host):
         if not insecure_no_auth:
             raise InvalidRequestError(f"refusing to serve {host} without API keys: set SDAOT_API_KEYS or "
                                       "--api-key-file, or pass --insecure-no-auth", param="host")
@@ -436,8 +444,12 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
         from .devices import pick_device
 
         pick_device(device)
-    if max_queued_jobs < 0 or keep_finished < 0 or keep_finished_s < 0:
-        raise InvalidRequestError("must be >= 0", param="max_queued_jobs, keep_finished, keep_finished_count")
+    if max_queued_jobs < 0 or keep_finished < 0 or keep_finished_s < 0 or keep_finished_bytes < 0:
+        raise InvalidRequestError("must be >= 0", param="max_queued_jobs, keep_finished, keep_finished_count, "
+                                  "keep_finished_bytes")
+    if min(max_jobs_per_key, max_event_streams, max_event_streams_per_key) < 1:
+        raise InvalidRequestError("must be >= 1", param="max_jobs_per_key, max_event_streams, "
+                                  "max_event_streams_per_key")
     names = [get_model(n.strip()).name for n in models.split(",") if n.strip()]
     if ray_address is None and workers > len(names):
         click.echo(f"--workers {workers} with {len(names)} model(s): generations of one model run one at a time "
@@ -446,7 +458,16 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
                           workers=workers, queue_size=queue_size, timeout_s=timeout_s, lora_folder=lora_dir,
                           controlnet_folder=controlnet_dir, max_queued_jobs=max_queued_jobs,
                           keep_finished_s=keep_finished_s, keep_finished=keep_finished,
-                          webhook_allow=[h.strip() for h in webhook_allow.split(",") if h.strip()], device=device)
+                          keep_finished_bytes=keep_finished_bytes, max_jobs_per_key=max_jobs_per_key,
+                          max_event_streams=max_event_streams, max_event_streams_per_key=max_event_streams_per_key,
+                          webhook_allow=[h.strip() for h in webhook_allow.split(",") if h.strip()], device=device,
+                          host=host)
+    root_path = root_path.rstrip("/")
+    if root_path and not root_path.startswith("/"):
+        raise InvalidRequestError(f"must start with / (got {root_path!r})", param="root_path")
+    if root_path and ray_address is not None:
+        raise InvalidRequestError("is for a proxy in front of uvicorn; under Ray Serve set the application's "
+                                  "route_prefix instead", param="root_path")
     if ray_address is not None:
         try:
             from .ray_app import Scaling, build_app, serve_on_ray
@@ -455,7 +476,8 @@ def serve(host: str, port: int, weights: str, models: str, artifacts_root: Path 
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, replica_gpus)
         serve_on_ray(build_app(config, scaling), ray_address, host, port, say=click.echo)
         return
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
+    uvicorn.run(create_app(config), host=host, port=port, root_path=root_path, log_level="info",
+                timeout_graceful_shutdown=60)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from sdaot.benchmarks.peers import default_backends
+from sdaot.runtime import targets
 from sdaot.runtime.cli import main
 
 
@@ -72,3 +74,22 @@ def test_bench_runs_every_peer_as_its_users_run_it(tmp_path):
     assert report["cpu_profile"] and "lanes" in report["cpu_profile"] and report["isa_limits"] == {}
     table = (tmp_path / "bench-SD1.5-tiny-64x64.md").read_text()
     assert f"| vae_decoder | openvino | {rows['openvino']['precision']} |" in table
+
+
+def test_bench_runs_torch_under_bf16_autocast(tmp_path):
+    """`torch-bf16`: eager torch under bf16 autocast, as its users run it; autocast runs on any CPU (slowly
+    without bf16 instructions), so this runs everywhere."""
+    result = CliRunner().invoke(main, ["bench", "--model", "SD1.5", "--weights", "tiny", "--resolution", "64x64",
+                                       "--components", "vae_decoder", "--backends", "torch-bf16,torch",
+                                       "--repeat", "1", "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "bench-SD1.5-tiny-64x64.json").read_text())["results"]}
+    assert rows["torch-bf16"]["status"] == "ok" and rows["torch-bf16"]["precision"] == "bf16"
+    assert 0 < rows["torch-bf16"]["rel_err_vs_torch"] < 5e-2, "bf16 matmuls differ from fp32 ones, a little"
+
+
+def test_torch_bf16_is_a_default_backend_beside_openvino_on_bf16_cpus(monkeypatch):
+    monkeypatch.setattr(targets, "host_has_avx512_bf16", lambda: True)
+    assert default_backends() == ["tvm", "onnxruntime", "openvino", "torch-bf16", "openvino-f32", "torch"]
+    monkeypatch.setattr(targets, "host_has_avx512_bf16", lambda: False)
+    assert "torch-bf16" not in default_backends()
