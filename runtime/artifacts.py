@@ -5,6 +5,10 @@ An artifact is one folder `<root>/<model>/<component>/<resolution|any>-b<batch>-
 writes it into a temporary sibling folder and renames it into place, so a folder with a manifest is complete.
 The manifest is one typed, validated object (`Manifest`): the compiler writes it, everyone else reads it,
 and a manifest that is not valid JSON or lacks a field is skipped with a warning naming the file and field.
+
+A `lib.so` is native code that runs in whatever process loads it: whoever can write the artifacts folder can
+run code there. The hash in the manifest only catches damage; the loader hashes the very bytes it loads
+(`read_verified`), and `warn_if_writable` names folders and libraries that others than their owner can write.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -99,6 +104,35 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_verified(path: Path, sha256: str | None) -> bytes | None:
+    """The file's bytes, read once, if they hash to `sha256`; None if the file is missing or its bytes differ.
+    The caller loads these very bytes, never the file again, so what was checked is what runs."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if sha256 is not None and hashlib.sha256(data).hexdigest() == sha256 else None
+
+
+def writable_by_others(path: Path) -> bool:
+    """Whether anyone but the owner (its group, or everyone) may write `path`."""
+    try:
+        return bool(path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    except OSError:
+        return False
+
+
+def warn_if_writable(root: Path, artifacts: list[Artifact]) -> list[Path]:
+    """Log a warning for the root, each artifact folder (and the folders between) and each lib.so that its
+    group or others may write: whoever can write there can run code in this process. Returns those paths."""
+    paths = {root} | {p for a in artifacts for p in (a.path, a.path.parent, a.path.parent.parent, a.path / "lib.so")}
+    loose = sorted(p for p in paths if writable_by_others(p))
+    for path in loose:
+        log.warning("%s is writable by group or others: whoever can write it can run code in this server "
+                    "(lib.so is native code); chmod go-w it", path)
+    return loose
+
+
 def weights_signature(weights: list[dict[str, Any]]) -> str:
     """Hash of the weight inputs' names, shapes and dtypes: an artifact fits only the architecture it was built for."""
     text = json.dumps([[w["name"], list(w["shape"]), w["dtype"]] for w in weights])
@@ -116,6 +150,11 @@ class Artifact:
 
     path: Path
     manifest: Manifest
+
+    @property
+    def label(self) -> str:
+        """The artifact's folder relative to the root (model/component/variant): how clients are told of it."""
+        return "/".join(self.path.parts[-3:])
 
     @property
     def model(self) -> str:

@@ -10,6 +10,7 @@ is a multiple of b, chunk by chunk.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -75,14 +76,22 @@ def verified_bytes(artifact: Artifact, kind: str) -> bytes:
 
 def load_tvm_library(data: bytes) -> Any:
     """A TVM module loaded from a shared library's bytes: they are written to an anonymous in-memory file
-    (memfd) that only this process holds, and dlopen'ed from there, so no other writer can change them."""
-    import tvm
+    (memfd) that only this process holds and dlopen'ed from there, so no other writer can change them between
+    the check and the load. TVM picks the loader by the file name's extension, so it is given a `lib.so`
+    link to the memfd in a private temporary folder (removed at once; the mapping stays)."""
+    import tvm_ffi
 
     fd = os.memfd_create("sdaot-lib.so", os.MFD_CLOEXEC)
+    folder = tempfile.mkdtemp(prefix="sdaot-lib-")
+    link = os.path.join(folder, "lib.so")
     try:
         os.write(fd, data)
-        return tvm.runtime.load_module(f"/proc/self/fd/{fd}", "so")
+        os.symlink(f"/proc/{os.getpid()}/fd/{fd}", link)
+        return tvm_ffi.load_module(link)
     finally:
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.rmdir(folder)
         os.close(fd)
 
 

@@ -1,6 +1,16 @@
-"""Errors a user can act on: each names the request field (or CLI flag) at fault and why."""
+"""Errors a user can act on: each names the request field (or CLI flag) at fault and why.
+
+What a client is told never holds an absolute path or a library's own exception text: such text goes in an
+error's `detail`, which is logged under the request's id (`reported`), and the answer names that id.
+"""
 
 from __future__ import annotations
+
+import logging
+import re
+
+log = logging.getLogger("sdaot.errors")
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?!v1/)(?:[^\s/'\"`]+/)+([^\s/'\"`,;:)]*)")
 
 
 class SdaotError(Exception):
@@ -9,17 +19,26 @@ class SdaotError(Exception):
     status_code = 400
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.detail = detail
 
     def __str__(self) -> str:
         return f"{self.param}: {self.message}" if self.param else self.message
 
     def __reduce__(self) -> tuple:
-        """Pickled with its field, so that it crosses process boundaries (Ray) whole."""
-        return type(self), (self.message, self.param)
+        """Pickled with its field and detail, so that it crosses process boundaries (Ray) whole."""
+        return type(self), (self.message, self.param, self.detail)
+
+    def reported(self, ref: str) -> SdaotError:
+        """This error as a client may see it: its detail, if any, logged under `ref` (a request or job id),
+        and the message naming `ref` so that an operator can find it."""
+        if self.detail is None:
+            return self
+        log.warning("%s: %s: %s", ref, self.message, self.detail)
+        return type(self)(f"{self.message} (details in the server log under request id {ref})", self.param)
 
     def content(self) -> dict[str, object]:
         """This error in the API's error shape."""
@@ -69,6 +88,12 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 
 def error_content(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict[str, object]:
-    """The reference API's error shape: {object, message, type, param, code}."""
-    return {"object": "error", "message": message, "type": kind or ERROR_TYPES.get(status, "api_error"),
+    """The reference API's error shape: {object, message, type, param, code}; absolute paths in the message
+    are cut to their last part."""
+    return {"object": "error", "message": without_paths(message), "type": kind or ERROR_TYPES.get(status, "api_error"),
             "param": param, "code": status}
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute filesystem path cut to `.../<last part>` (API paths, /v1/..., are kept)."""
+    return ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}", text)

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from .amx import amx_refusal
-from .artifacts import Artifact, list_artifacts, resolution_key
+from .artifacts import Artifact, default_root, list_artifacts, resolution_key, warn_if_writable
 from .compiled import OnnxRuntimeComponent, TvmComponent, check_artifact
 from .components import Component, TorchComponent
-from .devices import cuda_target_key, device_target_key
 from .errors import BackendUnavailableError
 from .resolution import Resolution
+from .targets import cuda_target_key, device_target_key
 
 log = logging.getLogger(__name__)
 COMPILED = {"tvm": TvmComponent, "onnxruntime": OnnxRuntimeComponent}
@@ -42,10 +42,20 @@ class ComponentSelector:
         self.root = root
         self.device = device or torch.device("cpu")
         self._loaded: dict[tuple[str, str, str, int], Component] = {}
+        self._listed: list[Artifact] = []
+        self._runnable: list[Artifact] = []
+        self.rescan()
+
+    def rescan(self) -> None:
+        """List this model's artifacts under the root (at start-up, and when the server gets SIGHUP: never per
+        request), warning about any that others than their owner may write."""
+        self._listed = [a for a in list_artifacts(self.root) if a.model == self.model]
+        self._runnable = [a for a in self._listed if runs_here(a, self.device)]
+        warn_if_writable(self.root or default_root(), self._listed)
 
     def artifacts(self) -> list[Artifact]:
-        """This model's artifacts that run on this pipeline's device."""
-        return [a for a in list_artifacts(self.root) if a.model == self.model and runs_here(a, self.device)]
+        """This model's artifacts that run on this pipeline's device, as last listed."""
+        return list(self._runnable)
 
     def compiled_resolutions(self) -> list[str]:
         """Resolutions with a compiled UNet, as WIDTHxHEIGHT."""
@@ -71,8 +81,7 @@ class ComponentSelector:
                     continue
                 compiled = ", ".join(self.compiled_resolutions()) or "none"
                 where = f"at {resolution_key(resolution)}" if resolution else "(size-free)"
-                refused = amx_refusal() if any(uses_amx(a) for a in list_artifacts(self.root)
-                                               if a.model == self.model and a.component == name) else None
+                refused = amx_refusal() if any(uses_amx(a) for a in self._listed if a.component == name) else None
                 raise BackendUnavailableError(
                     f"no {name} artifact for {self.model} {where} with a batch dividing {total}; compiled "
                     f"resolutions for {self.model}: {compiled}. Build one with `sdaot compile --model {self.model}"

@@ -17,16 +17,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from .api_schema import ApiGenerationRequest
-from .errors import NotFoundError, ServiceUnavailableError, error_content
+from .errors import NotFoundError, SdaotError, ServiceUnavailableError, error_content
 from .generation_queue import GenerationQueue, Job, owner_of
 from .images import decode_image, encode_image
 from .pipeline import GenerationResult, Pipeline, Plan
 from .registry import get_model
 from .request import parse_request
-from .webhooks import deliver_in_background
+from .streams import StreamLimit
+from .webhooks import WebhookSender
 from .weights import BUILT_IN_SOURCES
 
 log = logging.getLogger("sdaot.server")
+COUNTED_PATHS = ("/v1/image", "/v1/jobs")
 
 
 @dataclass
@@ -47,8 +49,15 @@ class ServerConfig:
     max_queued_jobs: int = 32
     keep_finished_s: float = 3600.0
     keep_finished: int = 256
+    keep_finished_bytes: int = 256 * 1024 * 1024
+    max_jobs_per_key: int = 8
+    max_event_streams: int = 64
+    max_event_streams_per_key: int = 4
     webhook_allow: list[str] = field(default_factory=list)
+    webhook_workers: int = 4
+    webhook_backlog: int = 64
     device: str = "auto"
+    host: str | None = None
 
 
     def serves_refiner(self, model: str) -> bool:
@@ -88,10 +97,18 @@ class Server:
         self.queue_depth = Gauge("sdaot_queue_depth", "Requests admitted and not finished", registry=self.registry)
         self.step_time = Histogram("sdaot_step_seconds", "Sampler step time by UNet backend", ["backend"],
                                    registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30))
+        self.webhook_outcomes = Counter("sdaot_webhooks", "Webhook deliveries by outcome (dropped: the delivery "
+                                        "pool was full)", ["outcome"], registry=self.registry)
+        self.webhooks = WebhookSender(config.webhook_allow, config.webhook_workers, config.webhook_backlog,
+                                      on_outcome=lambda outcome: self.webhook_outcomes.labels(outcome).inc())
+        self.streams = StreamLimit(config.max_event_streams, config.max_event_streams_per_key)
         self.queue = GenerationQueue(config.workers, config.queue_size, config.max_queued_jobs,
                                      config.keep_finished_s, config.keep_finished, on_depth=self.queue_depth.set,
                                      on_step=lambda backend, s: self.step_time.labels(backend).observe(s),
-                                     on_finished=self._job_finished)
+                                     on_finished=self._job_finished, max_jobs_per_key=config.max_jobs_per_key,
+                                     keep_finished_bytes=config.keep_finished_bytes,
+                                     encode=lambda job, result: generation_content(result, job.pipe.spec.name,
+                                                                                   job.output_format))
 
     def load(self) -> None:
         """Open every configured model's pipeline; a failure is kept as the reason /readyz and requests give."""
@@ -104,12 +121,25 @@ class Server:
                          ", ".join(compiled) or "none compiled")
             self.ready.set()
         except Exception as exc:  # any load failure must surface as 503 + message, not a silent thread death
-            self.load_error = f"cannot load models: {exc}"
-            log.error(self.load_error)
+            reason = exc.message if isinstance(exc, SdaotError) else type(exc).__name__
+            self.load_error = f"cannot load models: {reason}"
+            log.error("cannot load models: %s", exc)
+
+    def count_answer(self, path: str, status: int) -> None:
+        """Count an answer of the generation and jobs routes (router path `path`) by status."""
+        if path.startswith(COUNTED_PATHS):
+            self.requests.labels(str(status)).inc()
+
+    def rescan_artifacts(self) -> None:
+        """Read the artifacts root again for every loaded model (on SIGHUP): artifacts are listed at start-up
+        and on this signal only, never per request."""
+        for pipe in self.pipelines.values():
+            if isinstance(pipe, Pipeline):  # under Ray Serve each replica lists its own, at its start
+                pipe.selector.rescan()
 
     def _job_finished(self, job: Job) -> None:
         if job.webhook_url:
-            deliver_in_background(job.webhook_url, lambda: job_content(self, job), job.id)
+            self.webhooks.send(job.webhook_url, lambda: job_content(self, job), job.id)
 
     def owner(self, request: Request) -> str:
         """Whose work a request creates or may see: the hash of its API key."""
@@ -172,18 +202,17 @@ def generation_content(result: GenerationResult, model_name: str, output_format:
 
 
 def job_content(server: Server, job: Job) -> dict[str, Any]:
-    """A job's state as GET /v1/jobs/{id}, the events stream and the webhook report it."""
+    """A job's state as GET /v1/jobs/{id}, the events stream and the webhook report it (the answer was encoded
+    on the worker thread: nothing here encodes an image)."""
     content: dict[str, Any] = {"id": job.id, "object": "job", "status": job.status, "created": round(job.created, 3),
                                "model_name": job.pipe.spec.name}
     if job.status == "queued":
         content["queue_position"] = server.queue.position(job)
     if job.status in ("running", "succeeded", "cancelled", "failed"):
-        content |= {"step": job.step, "steps": job.steps or job.plan.steps, "elapsed": round(job.elapsed(), 3)}
+        content |= {"step": job.step, "steps": job.steps, "elapsed": round(job.elapsed(), 3)}
     if job.status == "running":
         content["eta"] = job.eta()
-    if job.status == "succeeded" and job.result is not None:
-        if job.answer is None:
-            job.answer = generation_content(job.result, job.pipe.spec.name, job.output_format)
+    if job.status == "succeeded" and job.answer is not None:
         content["result"] = job.answer
     if job.status == "failed":
         content["error"] = job.error

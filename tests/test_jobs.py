@@ -54,7 +54,9 @@ def wait_for(url, job_id, condition, timeout=300):
 def wait_until_idle(url):
     """Until no work holds a worker slot: a job reads as ended a moment before its slot is given back."""
     deadline = time.time() + 300
-    while "sdaot_queue_depth 0.0" not in httpx.get(f"{url}/metrics", timeout=60).text and time.time() < deadline:
+    while time.time() < deadline:
+        if "sdaot_queue_depth 0.0" in httpx.get(f"{url}/metrics", headers=ONE, timeout=60).text:
+            return
         time.sleep(0.05)
 
 
@@ -183,7 +185,7 @@ def test_the_webhook_gets_the_final_state_after_retries_and_only_allowed_urls_ar
 
 
 def metric(url, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers=ONE, timeout=60).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.split()[-1])
     return 0.0

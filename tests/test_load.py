@@ -28,7 +28,7 @@ async def _round(url: str) -> list[httpx.Response]:
 
 
 def _queue_depth(url: str) -> float:
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("sdaot_queue_depth ")))
 
 

@@ -140,7 +140,7 @@ def test_a_replica_killed_under_load_costs_only_its_own_request_and_is_replaced(
     assert len(replicas) == REPLICAS
 
     async def kill_one_when_both_run() -> None:
-        async with httpx.AsyncClient(base_url=cluster_url) as client:
+        async with httpx.AsyncClient(base_url=cluster_url, headers=AUTH) as client:
             while "sdaot_queue_depth 3.0" not in (await client.get("/metrics")).text:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # both replicas are into their generation, far from its end

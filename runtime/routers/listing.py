@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..api_schema import error_responses
+from ..errors import without_paths
 from ..serving import ServerDep
 
 router = APIRouter(prefix="/v1", responses=error_responses(401))
@@ -13,7 +14,7 @@ router = APIRouter(prefix="/v1", responses=error_responses(401))
 @router.get("/models")
 def models(server: ServerDep) -> dict:
     """Served models with family, weight source, compiled resolutions per backend and LoRA files (how many
-    of each file's tensors match the model). Generations of one model run one at a time."""
+    of each file's tensors match the model; no absolute path). Generations of one model run one at a time."""
     from ..controlnet import controlnet_registry
 
     controlnets = [{"name": n, "preprocessor": c["preprocessor"]} for n, c in controlnet_registry().items()]
@@ -21,12 +22,13 @@ def models(server: ServerDep) -> dict:
     for name, pipe in server.pipelines.items():
         summary = pipe.summary()
         compiled = summary["compiled_resolutions"]
-        rows.append({"name": name, "family": pipe.spec.family, "weights": summary["weights"],
+        rows.append({"name": name, "family": pipe.spec.family, "weights": without_paths(summary["weights"]),
                      "native_resolution": str(pipe.spec.native_resolution),
                      "default_tvm_resolutions": [str(r) for r in pipe.spec.tvm_resolutions],
                      "compiled_resolutions": {"tvm": compiled, "onnxruntime": compiled, "torch": "any"},
                      "loras": summary["loras"],
-                     "lora_files": summary["lora_files"],
+                     "lora_files": [{k: without_paths(v) if k == "error" else v for k, v in row.items()}
+                                    for row in summary["lora_files"]],
                      "max_concurrent_generations": 1,
                      "default_steps": pipe.spec.default_steps,
                      "default_cfg_scale": pipe.spec.default_cfg_scale,

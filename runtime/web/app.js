@@ -1,7 +1,8 @@
 // The sdaot web page: fills the form from /v1/models, /v1/samplers and /v1/style-presets, queues a job
 // (POST /v1/jobs), follows its Server-Sent Events for the progress bar, shows the images, cancels on request.
 // Plain browser JavaScript: no build step. fetch() reads the event stream because EventSource cannot send
-// the Authorization header.
+// the Authorization header. URLs are relative, so the page works under any path prefix (--root-path), and
+// text from the server or the user only ever goes into textContent: the page's CSP allows no inline script.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -62,10 +63,15 @@ function fillModel() {
       className: "hint", textContent: "none in this server's LoRA folder" }));
   }
   for (const name of model.loras) {
+    const box = Object.assign(document.createElement("input"), { type: "checkbox", value: name });
+    box.dataset.lora = "";
+    const weight = Object.assign(document.createElement("input"), {
+      type: "number", min: "-2", max: "2", step: "0.1", value: "0.8" });
+    weight.dataset.weight = "";
+    const span = document.createElement("span");
+    span.append(box, ` ${name}`);
     const label = document.createElement("label");
-    label.innerHTML = `<span><input type="checkbox" data-lora> ${name}</span>
-      <input type="number" min="-2" max="2" step="0.1" value="0.8" data-weight>`;
-    label.querySelector("[data-lora]").value = name;
+    label.append(span, weight);
     loras.appendChild(label);
   }
 }
@@ -74,7 +80,7 @@ async function load() {
   $("api-key").value = sessionStorage.getItem(KEY) || "";
   try {
     const [modelList, samplers, presets] = await Promise.all(
-      [api("/v1/models"), api("/v1/samplers"), api("/v1/style-presets")]);
+      [api("v1/models"), api("v1/samplers"), api("v1/style-presets")]);
     models = modelList.data;
     $("model").replaceChildren();
     for (const m of models) option($("model"), m.name, `${m.name} (${m.weights})`);
@@ -123,17 +129,20 @@ function showProgress(state) {
 function showResult(result) {
   for (const image of result.images) {
     const src = `data:image/${result.output_format};base64,${image.image}`;
+    const img = Object.assign(document.createElement("img"), { alt: "generated image", src });
+    const seed = Object.assign(document.createElement("span"), { textContent: `seed ${image.random_seed}` });
+    const link = Object.assign(document.createElement("a"), {
+      href: src, download: `sdaot-${image.random_seed}.${result.output_format}`, textContent: "download" });
+    const caption = document.createElement("figcaption");
+    caption.append(seed, " ", link);
     const figure = document.createElement("figure");
-    figure.innerHTML = `<img alt="generated image"><figcaption><span>seed ${image.random_seed}</span>
-      <a download="sdaot-${image.random_seed}.${result.output_format}">download</a></figcaption>`;
-    figure.querySelector("img").src = src;
-    figure.querySelector("a").href = src;
+    figure.append(img, caption);
     $("results").prepend(figure);
   }
 }
 
 async function follow(id, controller) {
-  const response = await fetch(`/v1/jobs/${id}/events`, { headers: headers(false), signal: controller.signal });
+  const response = await fetch(`v1/jobs/${encodeURIComponent(id)}/events`, { headers: headers(false), signal: controller.signal });
   if (!response.ok) throw new Error(`events: HTTP ${response.status}`);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -159,7 +168,7 @@ async function generate(event) {
   say("");
   $("generate").disabled = true;
   try {
-    const job = await api("/v1/jobs", { method: "POST", body: JSON.stringify(requestBody()) });
+    const job = await api("v1/jobs", { method: "POST", body: JSON.stringify(requestBody()) });
     current = { id: job.id, controller: new AbortController() };
     $("progress-area").dataset.job = job.id;
     $("cancel").disabled = false;
@@ -180,7 +189,7 @@ async function generate(event) {
 async function cancel() {
   if (!current) return;
   try {
-    await api(`/v1/jobs/${current.id}`, { method: "DELETE" });
+    await api(`v1/jobs/${encodeURIComponent(current.id)}`, { method: "DELETE" });
   } catch (err) {
     say(err.message, true);
   }
