@@ -1,6 +1,7 @@
 """LCM-LoRA: a file that adapts every linear and conv layer of the UNet (as the published LCM-LoRAs do), in
 kohya and PEFT layouts, loads through the LoRA path; `sampler: LCM` at a few steps with cfg_scale 1 (one UNet
-row, no guidance) gives diffusers' LCMScheduler + load_lora_weights + fuse_lora image."""
+row, no guidance) gives diffusers' LCMScheduler + load_lora_weights + fuse_lora image. SDXL-turbo at 1 and 4
+steps gives diffusers' own pipeline's image (the model folder's scheduler, no guidance)."""
 
 import numpy as np
 import pytest
@@ -65,3 +66,17 @@ def test_lcm_lora_image_equals_diffusers(tmp_path, model, layout):
     assert np.asarray(want).std() > 1, "reference image is flat: the comparison would prove nothing"
     diff = np.abs(np.asarray(got.images[0], dtype=np.int16) - np.asarray(want, dtype=np.int16)).max()
     assert diff <= 1, (model, layout, diff)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_equals_diffusers_own_pipeline(pipelines, steps):
+    ours = pipelines("SDXL-turbo")
+    got = ours.generate(parse_request(dict(model_name="SDXL-turbo", prompt=PROMPT, height=64, width=64,
+                                           steps=steps, seed=3)))
+    ref = StableDiffusionXLPipeline.from_pretrained(str(tiny_folder(ours.spec)), local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(prompt=PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=0.0,
+               generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.asarray(want).std() > 1, "reference image is flat: the comparison would prove nothing"
+    diff = np.abs(np.asarray(got.images[0], dtype=np.int16) - np.asarray(want, dtype=np.int16)).max()
+    assert diff <= 1, (steps, diff, got.plan.sampler.name, type(ref.scheduler).__name__)
