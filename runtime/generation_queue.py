@@ -4,7 +4,9 @@ The synchronous route and the jobs API both hand a planned request to `Generatio
 `Job` back: its status, step progress, result or error, and a cancel switch that the worker checks between
 steps. Synchronous work takes a slot of the bounded worker pool (`Admission`: a slot is free only when the
 worker has really finished) and is not listed; jobs are listed under their owner, bounded in number while
-unfinished, and kept after they finish for a set time and count, then dropped.
+unfinished (in all and per owner), and kept after they finish for a set time, count and size per owner, so
+that one key's work never evicts another's. A finished generation keeps only its encoded answer (made on the
+worker thread, never on the event loop): its images and the request's decoded input images are dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Literal
 
 from .admission import Admission
 from .errors import BusyError, SdaotError, error_content
-from .pipeline import GenerationResult, Pipeline, Plan
+from .pipeline import Cancelled, GenerationResult, Pipeline, Plan
 
 log = logging.getLogger("sdaot.queue")
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -31,22 +33,20 @@ FINISHED: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
 BUSY_RETRY_S = 1.0
 
 
-class Cancelled(Exception):
-    """Raised inside a generation that was cancelled, timed out, or whose client went away."""
-
-
 @dataclass
 class Job:
     """One planned request on its way through the queue; the worker thread updates it, the routes read it.
 
     `step_log` holds (step, steps, elapsed s, ETA s) per finished sampler step, for the events stream;
-    `answer` the finished generation's answer once encoded, so that every later read returns it as it is;
-    `waits_when_busy` whether it waits for a busy pipeline (jobs) or fails with 429 (synchronous requests)."""
+    `result` the generation's images until they are encoded into `answer` (`answer_bytes` long), which every
+    later read returns as it is; `plan` is dropped when the job ends (it holds the decoded input images);
+    `waits_when_busy` whether it waits for a busy pipeline (jobs) or fails with 429 (synchronous requests);
+    `version` counts changes (a step, a new status), which `notify` tells the events streams about."""
 
     id: str
     owner: str
     pipe: Pipeline
-    plan: Plan
+    plan: Plan | None
     created: float = field(default_factory=time.time)
     status: Status = "queued"
     step: int = 0
@@ -57,12 +57,42 @@ class Job:
     step_log: list[tuple[int, int, float, float | None]] = field(default_factory=list)
     result: GenerationResult | None = None
     answer: dict[str, Any] | None = None
+    answer_bytes: int = 0
     error: dict[str, Any] | None = None
     webhook_url: str | None = None
     output_format: str = "png"
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future | None = None
     waits_when_busy: bool = False
+    version: int = 0
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+    _waiters_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.plan is not None and not self.steps:
+            self.steps = self.plan.steps
+
+    def notify(self) -> None:
+        """Count a change and wake every coroutine waiting in `changed` (from any thread)."""
+        with self._waiters_lock:
+            self.version += 1
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
+
+    async def changed(self, seen: int, timeout_s: float) -> None:
+        """Return once `version` differs from `seen`, or after `timeout_s`: an event, not a polling loop."""
+        event = asyncio.Event()
+        with self._waiters_lock:
+            if self.version != seen:
+                return
+            self._waiters.append((asyncio.get_running_loop(), event))
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            with self._waiters_lock:
+                self._waiters = [w for w in self._waiters if w[1] is not event]
 
     @property
     def done(self) -> bool:
@@ -94,31 +124,44 @@ class GenerationQueue:
     def __init__(self, workers: int, queue_size: int, max_queued_jobs: int, keep_finished_s: float,
                  keep_finished: int, on_depth: Callable[[int], None] = lambda _: None,
                  on_step: Callable[[str, float], None] = lambda *_: None,
-                 on_finished: Callable[[Job], None] = lambda _: None) -> None:
+                 on_finished: Callable[[Job], None] = lambda _: None, max_jobs_per_key: int | None = None,
+                 keep_finished_bytes: int | None = None,
+                 encode: Callable[[Job, GenerationResult], dict[str, Any]] | None = None) -> None:
+        """`keep_finished` and `keep_finished_bytes` bound each owner's finished jobs, `max_jobs_per_key` each
+        owner's unfinished ones (None: no bound beyond the queue's); `encode` makes a succeeded job's answer on
+        its worker thread (without it the job keeps its GenerationResult, as a Ray replica's queue does)."""
         self.admission = Admission(workers, queue_size, on_change=on_depth)
         self.jobs_capacity = workers + max_queued_jobs
         self.keep_finished_s = keep_finished_s
         self.keep_finished = keep_finished
+        self.keep_finished_bytes = keep_finished_bytes
+        self.max_jobs_per_key = max_jobs_per_key
+        self._encode = encode
         self._on_step = on_step
         self._on_finished = on_finished
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
     # ---- submitting ----------------------------------------------------------------------------
-    def run_now(self, pipe: Pipeline, plan: Plan, owner: str) -> Job | None:
+    def run_now(self, pipe: Pipeline, plan: Plan, owner: str, output_format: str = "png") -> Job | None:
         """Admit a synchronous request (not listed as a job); None when every worker and queue slot is taken."""
-        job = Job(secrets.token_hex(8), owner, pipe, plan)
+        job = Job(secrets.token_hex(8), owner, pipe, plan, output_format=output_format)
         job.future = self.admission.submit(self._run, job)
         return job if job.future is not None else None
 
     def submit_job(self, pipe: Pipeline, plan: Plan, owner: str, webhook_url: str | None = None,
                    output_format: str = "png") -> Job | None:
-        """Queue a job listed under `owner`; None when the maximum of unfinished work is reached. Jobs may wait
-        in a longer queue than synchronous requests, which then get 429 until the jobs ahead have run."""
+        """Queue a job listed under `owner`; None when the maximum of unfinished work is reached, BusyError when
+        `owner` has `max_jobs_per_key` unfinished jobs already. Jobs may wait in a longer queue than synchronous
+        requests, which then get 429 until the jobs ahead have run."""
         job = Job("job_" + secrets.token_hex(12), owner, pipe, plan, webhook_url=webhook_url,
                   output_format=output_format, waits_when_busy=True)
         with self._lock:
             self._expire()
+            mine = sum(1 for j in self._jobs.values() if j.owner == owner and not j.done)
+            if self.max_jobs_per_key is not None and mine >= self.max_jobs_per_key:
+                raise BusyError(f"this API key has {mine} unfinished jobs, the most one key may have "
+                                "(--max-jobs-per-key); retry when one has ended")
             self._jobs[job.id] = job
         job.future = self.admission.submit(self._run, job, capacity=self.jobs_capacity)
         if job.future is None:
@@ -149,13 +192,14 @@ class GenerationQueue:
         if job.future is not None and job.future.cancel():
             self._finish(job, "cancelled")
 
-    async def outcome(self, job: Job, timeout_s: float) -> GenerationResult:
-        """The job's result once it ends; past `timeout_s` the job is cancelled and TimeoutError raised (its
-        worker slot stays taken until the work has really stopped). A job cancelled meanwhile raises
+    async def outcome(self, job: Job, timeout_s: float) -> None:
+        """Wait for the job to end (its answer is then in `answer`, or in `result` without `encode`); past
+        `timeout_s` the job is cancelled and TimeoutError raised (its worker slot stays taken until the work has
+        really stopped). A job cancelled meanwhile raises
         Cancelled; if the awaiting coroutine is cancelled instead (the server drops a request whose client
         left), the job is cancelled with it."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=timeout_s)
+            await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=timeout_s)
         except asyncio.TimeoutError:
             self.cancel(job)
             raise
@@ -171,21 +215,26 @@ class GenerationQueue:
         self.admission.shutdown()
 
     # ---- the worker ----------------------------------------------------------------------------
-    def _run(self, job: Job) -> GenerationResult:
+    def _run(self, job: Job) -> None:
         if job.cancel.is_set():
             self._finish(job, "cancelled")
             raise Cancelled()
-        job.status, job.started, job.steps = "running", time.time(), job.plan.steps
+        job.status, job.started = "running", time.time()
+        job.notify()
 
         def progress(done: int, total: int) -> None:
             job.step, job.steps = done, total
             job.step_times.append(time.time())
             job.step_log.append((done, total, job.elapsed(), job.eta()))
+            job.notify()
             if job.cancel.is_set():
                 raise Cancelled()
 
         try:
             result = self._generate(job, progress)
+            if self._encode is not None:
+                job.answer = self._encode(job, result)
+                job.answer_bytes = sum(len(image["image"]) for image in job.answer.get("images", ()))
         except Cancelled:
             self._finish(job, "cancelled")
             raise
@@ -201,7 +250,6 @@ class GenerationQueue:
         for earlier, later in zip(job.step_times, job.step_times[1:], strict=False):
             self._on_step(backend, later - earlier)
         self._finish(job, "succeeded")
-        return result
 
     def _generate(self, job: Job, progress: Callable[[int, int], None]) -> GenerationResult:
         """Run the job's generation. A listed job whose pipeline is busy elsewhere (a remote one: every replica
@@ -209,34 +257,51 @@ class GenerationQueue:
         request gets the BusyError (its client retries)."""
         while True:
             try:
-                return job.pipe.generate(job.plan, progress=progress)
+                return job.pipe.generate(job.plan, progress=progress, stop=job.cancel)
             except BusyError:
                 if not job.waits_when_busy:
                     raise
             job.status = "queued"
+            job.notify()
             if job.cancel.wait(BUSY_RETRY_S):
                 raise Cancelled()
             job.status = "running"
+            job.notify()
 
     def _finish(self, job: Job, status: Status, error: dict[str, Any] | None = None) -> None:
         if job.done:
             return
-        job.status, job.error, job.finished = status, error, time.time()
         if job.result is not None:
-            log.info("finished %s %s: %d steps in %.2f s; backends %s", job.id, job.plan.request.model_name,
+            log.info("finished %s %s: %d steps in %.2f s; backends %s", job.id, job.pipe.spec.name,
                      job.step, job.result.inference_time,
                      ", ".join(f"{k}={v}" for k, v in job.result.backends.items()))
         else:
-            log.info("%s %s after %d of %d steps", status, job.id, job.step, job.steps or job.plan.steps)
+            log.info("%s %s after %d of %d steps", status, job.id, job.step, job.steps)
+        if self._encode is not None:
+            job.result, job.plan = None, None  # the answer is encoded: images and decoded inputs go
+        job.status, job.error, job.finished = status, error, time.time()
+        job.notify()
+        with self._lock:
+            self._expire()
         self._on_finished(job)
 
     def _expire(self) -> None:
-        """Drop finished jobs older than keep_finished_s, and the oldest beyond keep_finished (lock held)."""
+        """Drop finished jobs older than keep_finished_s, then, for each owner, the oldest finished beyond
+        keep_finished or past keep_finished_bytes of answers; an owner's newest finished job stays (lock held)."""
         now = time.time()
-        finished = [j for j in self._jobs.values() if j.done]
-        for job in finished:
+        by_owner: dict[str, list[Job]] = {}
+        for job in list(self._jobs.values()):
+            if not job.done:
+                continue
             if now - (job.finished or now) > self.keep_finished_s:
                 del self._jobs[job.id]
-        finished = [j for j in self._jobs.values() if j.done]
-        for job in finished[: max(0, len(finished) - self.keep_finished)]:
-            del self._jobs[job.id]
+            else:
+                by_owner.setdefault(job.owner, []).append(job)
+        for finished in by_owner.values():
+            finished.sort(key=lambda j: j.finished or now)
+            size = sum(j.answer_bytes for j in finished)
+            while len(finished) > self.keep_finished or (len(finished) > 1 and self.keep_finished_bytes is not None
+                                                          and size > self.keep_finished_bytes):
+                oldest = finished.pop(0)
+                size -= oldest.answer_bytes
+                del self._jobs[oldest.id]

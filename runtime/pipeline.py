@@ -10,8 +10,10 @@ touching the sampling math. Schedulers are diffusers' own.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,11 @@ from .weights import ModelBundle
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
+LOCK_POLL_S = 0.05
+
+
+class Cancelled(Exception):
+    """Raised inside a generation that was cancelled, timed out, or whose client went away."""
 
 
 @dataclass
@@ -129,14 +136,17 @@ class Pipeline:
         return self._controlnets[name]
 
     # ---- generation -----------------------------------------------------------------------------
-    def generate(self, request: GenerationRequest | Plan, progress: Progress | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest | Plan, progress: Progress | None = None,
+                 stop: threading.Event | None = None) -> GenerationResult:
         """Run one request (or its already made plan) end to end and return its images (PIL, RGB).
 
         With the refiner, this pipeline denoises up to `1 - refiner_fraction` of the schedule and the refiner
         pipeline takes the latents and the random generators from there, as diffusers' base + refiner flow.
+        `stop` set (the request was cancelled or timed out) raises Cancelled while waiting for the model (its
+        weights hold one LoRA set at a time) and once it is taken, before any LoRA is merged or prompt encoded.
         """
         plan = request if isinstance(request, Plan) else self.plan(request)
-        with self.loras.lock:
+        with self._model_lock(stop):
             self.loras.apply(plan.loras)
             start = time.perf_counter()
             run = self.start(plan, progress)
@@ -150,6 +160,19 @@ class Pipeline:
             images = self.refiner.decode(refined, self.refiner.denoise(refined, latents, start=split))
             used = run.used | {f"refiner.{k}": v for k, v in refined.used.items()}
             return GenerationResult(images, plan.seeds, time.perf_counter() - start, used, plan)
+
+    @contextmanager
+    def _model_lock(self, stop: threading.Event | None) -> Iterator[None]:
+        """Hold the model's LoRA lock, given up waiting for as soon as `stop` is set."""
+        while not self.loras.lock.acquire(timeout=LOCK_POLL_S):
+            if stop is not None and stop.is_set():
+                raise Cancelled()
+        try:
+            if stop is not None and stop.is_set():
+                raise Cancelled()
+            yield
+        finally:
+            self.loras.lock.release()
 
     def start(self, plan: Plan, progress: Progress | None = None,
               generators: list[torch.Generator] | None = None) -> Run:

@@ -10,11 +10,11 @@ a replica that died under the request a 503, a bad request the replica refused i
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from .errors import BusyError, SdaotError, ServiceUnavailableError
-from .generation_queue import Cancelled
-from .pipeline import GenerationResult, Plan, Progress
+from .pipeline import Cancelled, GenerationResult, Plan, Progress
 from .planning import Planner
 from .registry import ModelSpec
 from .request import GenerationRequest
@@ -42,9 +42,13 @@ class RemotePipeline:
         """What the model's replicas offer, for /v1/models."""
         return self._summary
 
-    def generate(self, plan: Plan, progress: Progress | None = None) -> GenerationResult:
+    def generate(self, plan: Plan, progress: Progress | None = None,
+                 stop: threading.Event | None = None) -> GenerationResult:
         """Run the plan on a replica, reporting each finished step to `progress` (which may raise Cancelled to
-        stop it). Blocks: called from a generation worker thread, never from the event loop."""
+        stop it); nothing is sent when `stop` is set already. Blocks: called from a generation worker thread,
+        never from the event loop."""
+        if stop is not None and stop.is_set():
+            raise Cancelled()
         stream = self.handle.options(stream=True).generate.remote(plan)
         try:
             for item in stream:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from ..api_schema import ApiGenerationRequest, GenerationResponse, error_responses
 from ..errors import BusyError
 from ..generation_queue import Cancelled, Job
-from ..serving import Server, ServerDep, error_body, generation_content, plan_request
+from ..serving import Server, ServerDep, error_body, plan_request
 
 router = APIRouter()
 
@@ -22,14 +22,14 @@ async def generation(body: ApiGenerationRequest, request: Request, server: Serve
     """Generate images: the reference API's request and response. For work that may outlast a proxy's
     timeout, POST /v1/jobs takes the same body and reports progress."""
     pipe, plan = await plan_request(server, body)
-    job = server.queue.run_now(pipe, plan, server.owner(request))
+    job = server.queue.run_now(pipe, plan, server.owner(request), body.output_format)
     if job is None:
         raise BusyError("the server is busy: every worker and queue slot is taken; retry later, or POST the same "
                         "body to /v1/jobs to wait in the job queue")
     start = time.perf_counter()
     watcher = asyncio.ensure_future(_cancel_when_client_leaves(request, server, job))
     try:
-        result = await server.queue.outcome(job, server.config.timeout_s)
+        await server.queue.outcome(job, server.config.timeout_s)
     except asyncio.TimeoutError:
         return error_body(504, f"generation took longer than {server.config.timeout_s:.0f} s and was cancelled",
                           None)
@@ -38,7 +38,7 @@ async def generation(body: ApiGenerationRequest, request: Request, server: Serve
     finally:
         watcher.cancel()
     server.latency.observe(time.perf_counter() - start)
-    return generation_content(result, pipe.spec.name, body.output_format)
+    return job.answer  # encoded on the worker thread, off the event loop
 
 
 async def _cancel_when_client_leaves(request: Request, server: Server, job: Job) -> None:

@@ -1,16 +1,17 @@
 """Jobs: queue a generation and come back for it (POST, GET, DELETE /v1/jobs, and a Server-Sent Events
 stream of its steps). A job is visible to the API key that created it only; to anyone else it does not
-exist (404, the same answer as for an unknown or expired id)."""
+exist (404, the same answer as for an unknown or expired id). Event streams are bounded in number (in all
+and per key) and wake on the job's changes, not on a timer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..api_schema import JobAccepted, JobRequest, JobState, error_responses
 from ..errors import BusyError, NotFoundError
@@ -19,7 +20,7 @@ from ..serving import Server, ServerDep, job_content, plan_request
 from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs")
-POLL_S = 0.05
+KEEP_ALIVE_S = 15.0
 
 
 @router.post("", status_code=202, response_model=JobAccepted,
@@ -27,7 +28,7 @@ POLL_S = 0.05
 async def create_job(body: JobRequest, request: Request, server: ServerDep) -> Any:
     """Queue a generation (the body of /v1/image/generation, plus an optional `webhook_url`)."""
     if body.webhook_url is not None:
-        check_webhook_url(body.webhook_url, server.config.webhook_allow)
+        await run_in_threadpool(check_webhook_url, body.webhook_url, server.config.webhook_allow)
     pipe, plan = await plan_request(server, body)
     job = server.queue.submit_job(pipe, plan, server.owner(request), body.webhook_url, body.output_format)
     if job is None:
@@ -57,14 +58,34 @@ async def job_events(job_id: str, request: Request, server: ServerDep) -> Stream
     """Server-Sent Events: the job's state now (`status`, without images), one `progress` event per finished
     step, then `result` with the final state."""
     job = _owned(server, request, job_id)
-    return StreamingResponse(_events(server, job, request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    owner = server.owner(request)
+    server.streams.take(owner)
+    return ClosingStream(_events(server, job), lambda: server.streams.give_back(owner), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(server: Server, job: Job, request: Request) -> AsyncIterator[str]:
+class ClosingStream(StreamingResponse):
+    """A streaming response that calls `on_close` once it has ended, however it ended (its client left before
+    the first byte included)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _events(server: Server, job: Job) -> AsyncIterator[str]:
+    """The stream's events; it sleeps until the job changes (a comment line every KEEP_ALIVE_S meanwhile, so
+    a client that left is noticed). Starlette ends it when its client disconnects."""
     yield _event("status", {k: v for k, v in job_content(server, job).items() if k != "result"})
     sent = 0
     while True:
+        seen = job.version
         steps = list(job.step_log)
         for step, total, elapsed, eta in steps[sent:]:
             yield _event("progress", {"id": job.id, "status": "running", "step": step, "steps": total,
@@ -73,9 +94,9 @@ async def _events(server: Server, job: Job, request: Request) -> AsyncIterator[s
         if job.done and sent == len(job.step_log):
             yield _event("result", job_content(server, job))
             return
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(POLL_S)
+        await job.changed(seen, KEEP_ALIVE_S)
+        if job.version == seen:
+            yield ": keep-alive\n\n"
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
