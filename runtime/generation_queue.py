@@ -239,11 +239,12 @@ class GenerationQueue:
             self._finish(job, "cancelled")
             raise
         except SdaotError as exc:
-            self._finish(job, "failed", error=exc.content())
+            self._finish(job, "failed", error=exc.reported(job.id).content())
             raise
-        except Exception as exc:
+        except Exception:
             log.exception("generation %s failed", job.id)
-            self._finish(job, "failed", error=error_content(500, f"internal error: {type(exc).__name__}"))
+            self._finish(job, "failed", error=error_content(
+                500, f"internal error (details in the server log under request id {job.id})"))
             raise
         job.result = result
         backend = result.backends.get("unet") or result.backends.get("unet_controlnet", "unknown")

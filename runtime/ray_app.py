@@ -198,11 +198,18 @@ CONFIG_FIELDS = {f.name for f in fields(ServerConfig)}
 def app(args: dict[str, Any]) -> Application:
     """The application for `serve run sdaot.runtime.ray_app:app models=SD1.5 replicas=2` and for a `serve deploy`
     YAML's `import_path` and `args`: ServerConfig's fields and Scaling's, by name. API keys come from `api_keys`
-    or from SDAOT_API_KEYS (comma-separated; set it in the YAML's runtime_env)."""
+    or from SDAOT_API_KEYS (comma-separated; set it in the YAML's runtime_env); without any it refuses to start
+    unless `insecure_no_auth` is true, as `sdaot serve` refuses a non-loopback address (Ray's proxy is one)."""
+    args = dict(args)
+    try:
+        insecure_no_auth = TypeAdapter(bool).validate_python(args.pop("insecure_no_auth", False))
+    except ValidationError as exc:
+        raise InvalidRequestError("must be true or false", param="insecure_no_auth") from exc
     unknown = sorted(set(args) - SCALING_FIELDS - CONFIG_FIELDS)
     if unknown:
-        raise InvalidRequestError(f"unknown argument(s) {', '.join(unknown)}; known: "
-                                  f"{', '.join(sorted(CONFIG_FIELDS | SCALING_FIELDS))}", param=unknown[0])
+        known = CONFIG_FIELDS | SCALING_FIELDS | {"insecure_no_auth"}
+        raise InvalidRequestError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                                  param=unknown[0])
     values = dict(args)
     for listed in ("models", "api_keys", "webhook_allow"):
         if isinstance(values.get(listed), str):
@@ -213,7 +220,11 @@ def app(args: dict[str, Any]) -> Application:
     config = _validated(ServerConfig, {k: v for k, v in values.items() if k in CONFIG_FIELDS})
     config.models = [get_model(name, param="models").name for name in config.models]
     if not config.api_keys:
-        log.warning("no API keys (api_keys or SDAOT_API_KEYS): the API is open to whoever reaches the proxy")
+        if not insecure_no_auth:
+            raise InvalidRequestError("refusing to start without API keys: set api_keys or SDAOT_API_KEYS, or pass "
+                                      "insecure_no_auth=true to open the API to whoever reaches the proxy",
+                                      param="api_keys")
+        log.warning("no API keys (insecure_no_auth): the API is open to whoever reaches the proxy")
     return build_app(config, scaling)
 
 

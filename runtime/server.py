@@ -1,63 +1,48 @@
-"""`sdaot serve`: the FastAPI app. Auth, limits and error shapes here; the routes live in `routers/`, the
-logic they share in `serving.py`, the work in `GenerationQueue`; the web page is static files in `web/`."""
+"""`sdaot serve`: the FastAPI app. Its middleware (auth, Host check, security headers, body limit) and error
+shapes are put together here; the routes live in `routers/`, the logic they share in `serving.py`, the work
+in `GenerationQueue`; the web page is static files in `web/`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .access import ApiKeyGate, HostCheck, is_loopback, request_id
 from .body_limit import BodyLimit
 from .errors import BusyError, SdaotError
 from .pipeline import Pipeline
 from .routers import generation, health, jobs, listing
+from .security_headers import SecurityHeaders, docs_page
 from .serving import Server, ServerConfig, error_body
 
 log = logging.getLogger("sdaot.server")
 WEB = resources.files("sdaot.runtime") / "web"
-COUNTED_PATHS = ("/v1/image", "/v1/jobs")
 
 
-class ApiKeyGate:
-    """ASGI middleware: /v1/ paths need a valid API key (401 in the error shape), and the answers of the
-    generation and jobs routes are counted by status.
+def rescan_on_sighup(server: Server) -> None:
+    """SIGHUP makes the server list its artifacts again (in a thread: it reads the disk), so an operator can
+    add artifacts without a restart; requests never rescan. Only the main thread may take signals: elsewhere
+    (Ray Serve's ingress) there is no rescan."""
+    def rescan() -> None:
+        log.info("SIGHUP: listing the artifacts again")
+        threading.Thread(target=server.rescan_artifacts, daemon=True).start()
 
-    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's
-    disconnect from the routes, and a generation whose client has left must be cancelled."""
-
-    def __init__(self, app: Any, server: Server) -> None:
-        self.app = app
-        self.server = server
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        status: list[int] = []
-
-        async def noting_status(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
-        if path.startswith("/v1/") and not self.server.authorized(Request(scope)):
-            refused = error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", "authorization")
-            await refused(scope, receive, noting_status)
-        else:
-            await self.app(scope, receive, noting_status)
-        if path.startswith(COUNTED_PATHS) and status:
-            self.server.requests.labels(str(status[0])).inc()
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, rescan)
+    except (RuntimeError, ValueError, NotImplementedError):
+        log.info("artifacts are listed at start-up only (signals are not delivered to this thread)")
 
 
 def create_app(config: ServerConfig, load_in_background: bool = True,
@@ -72,11 +57,13 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
             threading.Thread(target=server.load, daemon=True).start()
         else:
             server.load()
+        rescan_on_sighup(server)
         yield
         server.queue.shutdown()
         server.webhooks.shutdown()
 
-    app = FastAPI(title="sdaot", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="sdaot", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None,
                   description="Stable Diffusion with ahead-of-time compiled TVM backends and a PyTorch fallback.")
     app.state.server = server
 
@@ -97,6 +84,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
 
     @app.exception_handler(SdaotError)
     async def _sdaot(request: Request, exc: SdaotError):
+        exc = exc.reported(request_id(request.scope))
         response = error_body(exc.status_code, exc.message, exc.param, exc.error_type)
         if isinstance(exc, BusyError):
             response.headers["Retry-After"] = str(exc.retry_after_s)
@@ -104,8 +92,10 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return error_body(500, f"internal error: {type(exc).__name__}", None, "api_error")
+        rid = request_id(request.scope)
+        log.exception("%s: unexpected error on %s", rid, request.url.path)
+        return error_body(500, f"internal error (details in the server log under request id {rid})", None,
+                          "api_error")
 
     for area in (health, listing, generation, jobs):
         app.include_router(area.router)
@@ -115,9 +105,22 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
         """The web page: prompt, options, progress and results, over the jobs API."""
         return FileResponse(str(WEB / "index.html"))
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        """The OpenAPI document in Swagger UI."""
+        return docs_page(request, f"{app.title} API")
+
     app.mount("/web", StaticFiles(directory=str(WEB)), name="web")
     # Added first, so it runs inside the key check: no body is read before the request is authorized.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, too_large=lambda limit: error_body(
         413, f"request body is over {limit} bytes", None))
-    app.add_middleware(ApiKeyGate, server=server)
+    app.add_middleware(ApiKeyGate, authorized=server.authorized, count=server.count_answer,
+                       refused=lambda: error_body(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                                  "authorization"))
+    if not config.api_keys and config.host is not None and is_loopback(config.host):
+        app.add_middleware(HostCheck, bound_host=config.host, refused=lambda host: error_body(
+            400, f"Host {host!r} is not this server's name: without API keys it answers only to localhost and "
+                 f"loopback addresses (a guard against DNS rebinding); configure API keys to serve other names",
+            "host"))
+    app.add_middleware(SecurityHeaders)
     return app

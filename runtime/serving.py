@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from .api_schema import ApiGenerationRequest
-from .errors import NotFoundError, ServiceUnavailableError, error_content
+from .errors import NotFoundError, SdaotError, ServiceUnavailableError, error_content
 from .generation_queue import GenerationQueue, Job, owner_of
 from .images import decode_image, encode_image
 from .pipeline import GenerationResult, Pipeline, Plan
@@ -28,6 +28,7 @@ from .webhooks import WebhookSender
 from .weights import BUILT_IN_SOURCES
 
 log = logging.getLogger("sdaot.server")
+COUNTED_PATHS = ("/v1/image", "/v1/jobs")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ServerConfig:
     webhook_workers: int = 4
     webhook_backlog: int = 64
     device: str = "auto"
+    host: str | None = None
 
 
     def serves_refiner(self, model: str) -> bool:
@@ -119,8 +121,21 @@ class Server:
                          ", ".join(compiled) or "none compiled")
             self.ready.set()
         except Exception as exc:  # any load failure must surface as 503 + message, not a silent thread death
-            self.load_error = f"cannot load models: {exc}"
-            log.error(self.load_error)
+            reason = exc.message if isinstance(exc, SdaotError) else type(exc).__name__
+            self.load_error = f"cannot load models: {reason}"
+            log.error("cannot load models: %s", exc)
+
+    def count_answer(self, path: str, status: int) -> None:
+        """Count an answer of the generation and jobs routes (router path `path`) by status."""
+        if path.startswith(COUNTED_PATHS):
+            self.requests.labels(str(status)).inc()
+
+    def rescan_artifacts(self) -> None:
+        """Read the artifacts root again for every loaded model (on SIGHUP): artifacts are listed at start-up
+        and on this signal only, never per request."""
+        for pipe in self.pipelines.values():
+            if isinstance(pipe, Pipeline):  # under Ray Serve each replica lists its own, at its start
+                pipe.selector.rescan()
 
     def _job_finished(self, job: Job) -> None:
         if job.webhook_url:
