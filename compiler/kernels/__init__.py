@@ -5,8 +5,9 @@ numbered steps, and every rule sizes its register blocks and tiles from the targ
 (profile.py) rather than from one machine. The rules come in two named lists:
 
 - `RULES_BEFORE_TUNING`: attention (attention.py), direct convolutions (convolution.py), matmuls
-  (matmul.py; in bf16: bf16_matmul.py, or amx_matmul.py's tile kernel, which needs no rule) and Winograd's transforms (winograd.py). They run at the machine's
-  matmul peak, so they are applied before tuning, which then leaves these kernels alone.
+  (matmul.py; in bf16: bf16_matmul.py, or amx_matmul.py's tile kernel, scheduled by hand and needing no
+  rule) and Winograd's transforms (winograd.py). They run at the machine's matmul peak, so they are
+  applied before tuning, which then leaves these kernels alone.
 - `FALLBACK_RULES`: for kernels that have neither such a schedule nor a tuning record: dlight's row
   reduction, tiled transposes (transpose.py) and parallel loops for everything else (parallel.py).
 """
