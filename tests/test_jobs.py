@@ -179,7 +179,8 @@ def test_the_webhook_gets_the_final_state_after_retries_and_only_allowed_urls_ar
         assert len(Receiver.bodies) == 3, "delivered again after a 2xx answer"
     finally:
         receiver.shutdown()
-    for bad in ("ftp://127.0.0.1/x", "file:///etc/passwd", "http://example.com/hook", "not a url"):
+    for bad in ("ftp://127.0.0.1/x", "file:///etc/passwd", "http://example.com/hook", "not a url", "http://[::1",
+                f"http://2130706433:{receiver.server_address[1]}/done", "http://127.0.0.1:99999/done"):
         assert_error(httpx.post(f"{server}/v1/jobs", json=QUICK | {"webhook_url": bad}, headers=ONE, timeout=60),
                      400, "webhook_url")
 
