@@ -69,7 +69,7 @@ def plan_jobs(bundle: ModelBundle, resolutions: list[Resolution], components: li
               batches: list[int] | None, modules: dict[str, torch.nn.Module] | None = None) -> list[CompileJob]:
     """Every (component, resolution, batch) to build; size-free components once, the denoiser per batch size."""
     available = list(modules or component_modules(bundle))
-    components = components or available
+    components = components or [name for name in available if COMPONENTS[name].built_by_default]
     for name in components:
         if name not in available:
             raise InvalidRequestError(f"{bundle.spec.name} has no component {name!r}; it has {', '.join(available)}",

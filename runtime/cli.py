@@ -18,6 +18,8 @@ from .threads import use_all_cores
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 DEVICE_HELP = ("auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N: where the networks run; "
                "compiled artifacts are used when built for that device's target.")
+TINY_VAE_DIR_HELP = ("Folder of tiny decoders, DIR/<family>/ each (sd1, sd2, sdxl; diffusers AutoencoderTiny: TAESD, "
+                     "TAESDXL) (default: SDAOT_TINY_VAE_DIR); the built-in weights have random ones.")
 CONTROLNET_DIR_HELP = ("Folder of ControlNet downloads, DIR/<name>/ each (default: SDAOT_CONTROLNET_DIR); "
                        "needed with real model weights only.")
 
@@ -146,11 +148,15 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of LoRA .safetensors files (default: SDAOT_LORA_DIR).")
 @click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None, help=CONTROLNET_DIR_HELP)
+@click.option("--vae", type=click.Choice(["full", "tiny"]), default=None,
+              help="Decoder: the model's VAE (default) or the tiny TAESD/TAESDXL one.")
+@click.option("--tiny-vae-dir", type=click.Path(path_type=Path), default=None, help=TINY_VAE_DIR_HELP)
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
              artifacts_root: Path | None, lora_specs: tuple[str, ...], lora_dir: Path | None,
-             controlnet_dir: Path | None, controlnet_image_path: str | None, device: str, **params) -> None:
+             controlnet_dir: Path | None, controlnet_image_path: str | None, device: str, tiny_vae_dir: Path | None,
+             **params) -> None:
     """Generate images from a prompt (txt2img, or img2img with --image)."""
     from tqdm import tqdm
 
@@ -169,6 +175,7 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
     paths = _output_paths(output, req.num_images)
     pipe = load_pipeline(model_name, weights, with_refiner=req.enable_refiner, refiner_weights=refiner_weights,
                          artifacts_root=artifacts_root, lora_folder=lora_dir, controlnet_folder=controlnet_dir,
+                         tiny_vae_folder=tiny_vae_dir,
                          device=device)
     plan = pipe.plan(req)
     with tqdm(total=None, unit="step", desc=model_name, file=sys.stderr) as bar:
@@ -193,7 +200,9 @@ def generate(model_name: str, weights: str, refiner_weights: str | None, image_p
               help="Weights whose architecture the artifacts are built for (the values are not baked in).")
 @click.option("--resolution", "resolutions", multiple=True,
               help="WIDTHxHEIGHT, repeatable; default: the model's tvm resolutions (`sdaot models --json`).")
-@click.option("--components", default=None, help="Comma-separated, e.g. unet,vae_decoder (default: all).")
+@click.option("--components", default=None,
+              help="Comma-separated, e.g. unet,vae_decoder (default: all but vae_decoder_tiny, built when named; "
+                   "its weights: SDAOT_TINY_VAE_DIR).")
 @click.option("--batch", default=None, help="UNet batch sizes, e.g. 1,2 (default: 2 for CFG models, 1 for turbo).")
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | a TVM JSON target dict.")
 @click.option("--controlnet", default=None,

@@ -65,6 +65,8 @@ class ComponentSpec:
     """Its torch module from the model's own weights (None where the model lacks that network); None for the
     ControlNet pair, built per request from the chosen ControlNet (`components.controlnet_modules`)."""
     tokenizer: str | None = None
+    built_by_default: bool = True
+    """Whether `sdaot compile` builds it when no --components are named (the tiny decoder is built on request)."""
 
 
 def sdxl_time_ids(spec: ModelSpec, resolution: Resolution) -> tuple[list[float], list[float]]:
@@ -127,6 +129,8 @@ def _text_encoder(name: str) -> Callable[[ModelBundle], nn.Module | None]:
 COMPONENTS: dict[str, ComponentSpec] = {spec.name: spec for spec in (
     ComponentSpec("unet", False, BatchRule.GUIDED, _denoiser_inputs, lambda b: UNetModule(b.unet)),
     ComponentSpec("vae_decoder", False, BatchRule.IMAGES, _latents, lambda b: VaeDecoderModule(b.vae)),
+    ComponentSpec("vae_decoder_tiny", False, BatchRule.IMAGES, _latents,
+                  lambda b: None if b.tiny_vae is None else VaeDecoderModule(b.tiny_vae), built_by_default=False),
     ComponentSpec("vae_encoder", False, BatchRule.ONCE, _image, lambda b: VaeEncoderModule(b.vae)),
     ComponentSpec("text_encoder", True, BatchRule.ONCE, _token_ids, _text_encoder("text_encoder"),
                   TEXT_ENCODER_TOKENIZERS["text_encoder"]),

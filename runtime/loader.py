@@ -28,9 +28,9 @@ def quiet_libraries() -> None:
 def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = False,
                   refiner_weights: str | None = None, artifacts_root: Path | None = None,
                   lora_folder: Path | None = None, controlnet_folder: Path | None = None,
-                  device: str = "cpu") -> Pipeline:
+                  device: str = "cpu", tiny_vae_folder: Path | None = None) -> Pipeline:
     """Load a model's networks from `weights` onto `device` (cpu, cuda, auto: see devices.pick_device) and wrap
-    them in a Pipeline (plus the SDXL refiner if asked)."""
+    them in a Pipeline (plus the SDXL refiner if asked); tiny decoders come from `tiny_vae_folder`."""
     quiet_libraries()
     spec = get_model(model_name)
     on = pick_device(device)
@@ -38,16 +38,20 @@ def load_pipeline(model_name: str, weights: str = "tiny", with_refiner: bool = F
     if with_refiner and spec.refiner:
         refiner_spec = get_model(spec.refiner)
         refiner_source = refiner_weights or _shared_source(weights, "refiner_weights")
-        refiner = Pipeline(_on(load_weights(refiner_spec, refiner_source), on), artifacts_root=artifacts_root)
+        refiner = Pipeline(_on(load_weights(refiner_spec, refiner_source, tiny_vae_folder), on),
+                           artifacts_root=artifacts_root)
     log.info("loading %s from %s weights onto %s", spec.name, weights, on)
-    return Pipeline(_on(load_weights(spec, weights), on), refiner=refiner, artifacts_root=artifacts_root,
-                    lora_folder=lora_dir(lora_folder), controlnet_folder=controlnet_folder)
+    return Pipeline(_on(load_weights(spec, weights, tiny_vae_folder), on), refiner=refiner,
+                    artifacts_root=artifacts_root, lora_folder=lora_dir(lora_folder),
+                    controlnet_folder=controlnet_folder)
 
 
 def _on(bundle: ModelBundle, device: torch.device) -> ModelBundle:
     """The bundle with its networks moved to `device` (in place; nothing moves on the CPU)."""
     for network in bundle.networks().values():
         network.to(device)
+    if bundle.tiny_vae is not None:
+        bundle.tiny_vae.to(device)
     return bundle
 
 

@@ -98,7 +98,18 @@ class Pipeline:
     # ---- planning -------------------------------------------------------------------------------
     def plan(self, req: GenerationRequest) -> Plan:
         """Validate the request against this model and fill in defaults; raises InvalidRequestError."""
-        return self.planner.plan(req)
+        plan = self.planner.plan(req)
+        self.check_decoder(plan)
+        return plan
+
+    def check_decoder(self, plan: Plan) -> None:
+        """Refuse `vae: tiny` where the pipeline that decodes (the refiner's, with it) has no tiny decoder: a
+        plan made without the weights (a Ray ingress) is checked here, where they are."""
+        decoding = self.refiner if plan.request.enable_refiner and self.refiner is not None else self
+        if self.decoder(plan) not in decoding.torch_components:
+            raise InvalidRequestError(
+                f"{decoding.spec.name} has no tiny decoder: put diffusers AutoencoderTiny weights (TAESD, or TAESDXL "
+                f"for SDXL models) in DIR/{decoding.spec.family}/ and start with --tiny-vae-dir DIR", param="vae")
 
     def compiled_resolutions(self) -> list[str]:
         """Resolutions with a compiled UNet for this pipeline's device, as WIDTHxHEIGHT."""
@@ -120,7 +131,7 @@ class Pipeline:
             names += ["controlnet", "unet_controlnet"]
         else:
             names.append("unet")
-        names.append("vae_decoder")
+        names.append(self.decoder(plan))
         if plan.request.image is not None:
             names.append("vae_encoder")
         needs = {name: (None if COMPONENTS[name].size_free else plan.resolution,
@@ -145,7 +156,11 @@ class Pipeline:
         `stop` set (the request was cancelled or timed out) raises Cancelled while waiting for the model (its
         weights hold one LoRA set at a time) and once it is taken, before any LoRA is merged or prompt encoded.
         """
-        plan = request if isinstance(request, Plan) else self.plan(request)
+        if isinstance(request, Plan):
+            plan = request
+            self.check_decoder(plan)
+        else:
+            plan = self.plan(request)
         with self._model_lock(stop):
             self.loras.apply(plan.loras)
             start = time.perf_counter()
@@ -328,9 +343,15 @@ class Pipeline:
         image = image.to(self.device, torch.float32).repeat_interleave(len(plan.seeds), dim=0)
         return torch.cat([image] * 2) if plan.do_cfg else image
 
+    def decoder(self, plan: Plan) -> str:
+        """The decoder component the plan asks for: the model's VAE, or the tiny one."""
+        return "vae_decoder_tiny" if plan.request.vae == "tiny" else "vae_decoder"
+
     def decode(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents -> RGB images through the VAE decoder."""
-        image = run.call("vae_decoder", latents / self.scaling_factor)[0]
+        """Latents -> RGB images through the plan's decoder (each scales the latents by its own factor)."""
+        name = self.decoder(run.plan)
+        vae = self.bundle.tiny_vae if name == "vae_decoder_tiny" else self.bundle.vae
+        image = run.call(name, latents / vae.config.scaling_factor)[0]
         return self.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 

@@ -43,6 +43,8 @@ class RequestFields(BaseModel):
     control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
     control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
     loras: dict[str, float] | None = None
+    vae: Literal["full", "tiny"] = Field(default="full", description="Decoder: the model's VAE, or the tiny "
+                                         "TAESD/TAESDXL one (much faster, a little less detail)")
 
 
 class GenerationRequest(RequestFields):

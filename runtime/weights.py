@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import WeightsNotFoundError
@@ -41,6 +41,8 @@ class ModelBundle:
     vae: AutoencoderKL
     text_encoders: dict[str, torch.nn.Module]
     tokenizers: dict[str, CLIPTokenizer]
+    tiny_vae: AutoencoderTiny | None = None
+    """The tiny decoder (TAESD / TAESDXL) for `vae: tiny`, where one is available (`load_tiny_vae`)."""
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """Every torch network of the model by component name."""
@@ -186,8 +188,37 @@ def load_single_file(spec: ModelSpec, path: Path) -> ModelBundle:
     return ModelBundle(spec, f"file:{path}", pipe.unet, pipe.vae, encoders, tokenizers)
 
 
-def load_weights(spec: ModelSpec, source: str = "tiny") -> ModelBundle:
-    """Resolve a weight source string (tiny | random | folder | file.safetensors | hub[:id]) to a bundle."""
+def tiny_vae_dir(explicit: Path | None = None) -> Path | None:
+    """The tiny decoders' folder: --tiny-vae-dir, else SDAOT_TINY_VAE_DIR, else none."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("SDAOT_TINY_VAE_DIR")
+    return Path(env) if env else None
+
+
+def load_tiny_vae(spec: ModelSpec, source: str, folder: Path | None) -> AutoencoderTiny | None:
+    """The model's tiny decoder: diffusers' AutoencoderTiny from `folder/<family>/` (TAESD for sd1/sd2, TAESDXL for
+    sdxl), else, for the built-in weights, the architecture with seeded random weights; None otherwise (real
+    weights with no tiny decoder given: a request for one is refused)."""
+    if folder is not None and (folder / spec.family).is_dir():
+        vae = AutoencoderTiny.from_pretrained(str(folder / spec.family), local_files_only=True)
+    elif source in BUILT_IN_SOURCES:
+        torch.manual_seed(zlib.crc32(f"{spec.family}-tiny-vae".encode()))
+        vae = AutoencoderTiny(**architectures()[spec.networks["vae_tiny"]]["tiny" if source == "tiny" else "full"])
+    else:
+        return None
+    return vae.eval().requires_grad_(False)
+
+
+def load_weights(spec: ModelSpec, source: str = "tiny", tiny_vae_folder: Path | None = None) -> ModelBundle:
+    """Resolve a weight source string (tiny | random | folder | file.safetensors | hub[:id]) to a bundle, with the
+    tiny decoder from `tiny_vae_folder` (default: SDAOT_TINY_VAE_DIR) where there is one."""
+    bundle = _load_networks(spec, source)
+    bundle.tiny_vae = load_tiny_vae(spec, source, tiny_vae_dir(tiny_vae_folder))
+    return bundle
+
+
+def _load_networks(spec: ModelSpec, source: str) -> ModelBundle:
     if source == "tiny":
         return load_diffusers_layout(spec, str(tiny_folder(spec)), "tiny")
     if source == "random":
