@@ -213,3 +213,14 @@ def artifact_dir(root: Path, model: str, component: str, resolution: Resolution 
     precision in their name (as before bf16 existed)."""
     suffix = "" if precision == "fp32" else f"-{precision}"
     return root / model / component / f"{resolution_key(resolution)}-b{batch}-{target_key}{suffix}"
+
+
+def uses_amx(artifact: Artifact) -> bool:
+    """Whether the artifact's kernels hold AMX instructions: bf16, built for a target with AMX-BF16."""
+    if artifact.precision != "bf16" or artifact.manifest.target.get("kind") != "llvm":
+        return False
+    try:
+        from .targets import bf16_unit_of
+    except ImportError:
+        return False
+    return bf16_unit_of(json.dumps(artifact.manifest.target, sort_keys=True)) == "amx"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .amx import require_amx
-from .artifacts import Artifact, read_verified, weights_signature
+from .artifacts import Artifact, read_verified, uses_amx, weights_signature
 from .errors import BackendUnavailableError
 from .threads import use_all_cores
 
@@ -135,8 +135,6 @@ class TvmComponent(_Chunked):
     def __init__(self, name: str, artifact: Artifact, module: nn.Module) -> None:
         import tvm
         from tvm import relax
-
-        from .selection import uses_amx
 
         if uses_amx(artifact):
             require_amx()

@@ -1,4 +1,5 @@
-"""Errors a user can act on: each names the request field (or CLI flag) at fault and why.
+"""Errors a user can act on: each names the request field (or CLI flag) at fault and why, and its kind
+(`error_type`); the serving wing maps kinds to HTTP statuses (`serve.protocol.status_of`).
 
 What a client is told never holds an absolute path or a library's own exception text: such text goes in an
 error's `detail`, which is logged under the request's id (`reported`), and the answer names that id.
@@ -16,7 +17,6 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?!v1/)(?:[^\s/'\"`]+/)+([^\s/'\"`,;:
 class SdaotError(Exception):
     """Base class of every error sdaot reports to a user instead of a traceback."""
 
-    status_code = 400
     error_type = "invalid_request_error"
 
     def __init__(self, message: str, param: str | None = None, detail: str | None = None) -> None:
@@ -40,10 +40,6 @@ class SdaotError(Exception):
         log.warning("%s: %s: %s", ref, self.message, self.detail)
         return type(self)(f"{self.message} (details in the server log under request id {ref})", self.param)
 
-    def content(self) -> dict[str, object]:
-        """This error in the API's error shape."""
-        return error_content(self.status_code, self.message, self.param, self.error_type)
-
 
 class InvalidRequestError(SdaotError):
     """A request value is out of range, unknown, or unreadable."""
@@ -52,46 +48,30 @@ class InvalidRequestError(SdaotError):
 class NotFoundError(SdaotError):
     """A named thing (model, artifact) does not exist here."""
 
-    status_code = 404
     error_type = "not_found_error"
 
 
 class WeightsNotFoundError(SdaotError):
     """Weights for a model are missing; the message says what to download or which flag to pass."""
 
-    status_code = 503
     error_type = "weights_not_found"
 
 
 class ServiceUnavailableError(SdaotError):
     """The server cannot take the request now (models still loading, or failed to load: the message says)."""
 
-    status_code = 503
     error_type = "service_unavailable"
 
 
 class BusyError(SdaotError):
     """Every slot for this kind of work is taken; the answer carries Retry-After."""
 
-    status_code = 429
     error_type = "rate_limit_error"
     retry_after_s = 5
 
 
 class BackendUnavailableError(SdaotError):
     """The requested backend cannot run this request (no artifact, corrupt artifact, missing runtime)."""
-
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable", 504: "timeout_error"}
-
-
-def error_content(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict[str, object]:
-    """The reference API's error shape: {object, message, type, param, code}; absolute paths in the message
-    are cut to their last part."""
-    return {"object": "error", "message": without_paths(message), "type": kind or ERROR_TYPES.get(status, "api_error"),
-            "param": param, "code": status}
 
 
 def without_paths(text: str) -> str:

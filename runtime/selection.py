@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .amx import amx_refusal
-from .artifacts import Artifact, default_root, list_artifacts, resolution_key, warn_if_writable
+from .artifacts import Artifact, default_root, list_artifacts, resolution_key, uses_amx, warn_if_writable
 from .compiled import OnnxRuntimeComponent, TvmComponent, check_artifact
 from .components import Component, TorchComponent
 from .errors import BackendUnavailableError
@@ -126,17 +126,6 @@ def runs_here(artifact: Artifact, device: torch.device | None = None) -> bool:
     if uses_amx(artifact) and amx_refusal() is not None:
         return False
     return runs_on_this_cpu(artifact.target_key, json.dumps(artifact.manifest.target, sort_keys=True))
-
-
-def uses_amx(artifact: Artifact) -> bool:
-    """Whether the artifact's kernels hold AMX instructions: bf16, built for a target with AMX-BF16."""
-    if artifact.precision != "bf16" or artifact.manifest.target.get("kind") != "llvm":
-        return False
-    try:
-        from .targets import bf16_unit_of
-    except ImportError:
-        return False
-    return bf16_unit_of(json.dumps(artifact.manifest.target, sort_keys=True)) == "amx"
 
 
 def prefers_bf16(artifact: Artifact) -> bool:

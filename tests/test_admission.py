@@ -3,7 +3,7 @@
 import asyncio
 import threading
 
-from sdaot.runtime.admission import Admission
+from sdaot.runtime.serve.admission import Admission
 
 
 def test_a_timed_out_request_keeps_its_slot_until_the_worker_really_finishes():

@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_server import assert_error, start_server
 
-from sdaot.runtime.generation_queue import Cancelled
 from sdaot.runtime.loader import load_pipeline
+from sdaot.runtime.pipeline import Cancelled
 from sdaot.runtime.request import parse_request
-from sdaot.runtime.serving import Server, ServerConfig
+from sdaot.runtime.serve.serving import Server, ServerConfig
 
 pytestmark = pytest.mark.slow
 KEYS = ("fair-one", "fair-two", "fair-three")

@@ -18,8 +18,9 @@ from ray.serve.schema import ServeDeploySchema
 from test_server import AUTH, assert_error, decode, start_server
 
 from sdaot.runtime.errors import BusyError, InvalidRequestError, SdaotError, ServiceUnavailableError
-from sdaot.runtime.ray_app import app
-from sdaot.runtime.remote_pipeline import replica_error
+from sdaot.runtime.serve.protocol import error_shape
+from sdaot.runtime.serve.ray.deployments import app
+from sdaot.runtime.serve.ray.remote_pipeline import replica_error
 
 REPLICAS, QUEUE = 2, 1
 DEPLOYMENT = "model-SD1.5"
@@ -127,7 +128,7 @@ def test_ray_errors_become_the_answers_of_a_local_server():
     assert isinstance(busy, BusyError) and busy.status_code == 429 and "every replica of SD1.5" in busy.message
     refused = InvalidRequestError("unknown LoRA 'x'", param="loras")
     crossed = pickle.loads(pickle.dumps(RayTaskError("generate", "traceback", refused)))
-    assert replica_error("SD1.5", crossed).content() == refused.content()
+    assert error_shape(replica_error("SD1.5", crossed)) == error_shape(refused)
     died = replica_error("SD1.5", ActorDiedError())
     assert isinstance(died, ServiceUnavailableError) and died.status_code == 503
     other = ValueError("not Ray's")
@@ -162,7 +163,7 @@ def test_the_serve_deploy_yaml_is_valid_and_builds_the_app():
     config = yaml.safe_load(YAML.read_text())
     ServeDeploySchema.model_validate(config)
     application = config["applications"][0]
-    assert application["import_path"] == "sdaot.runtime.ray_app:app"
+    assert application["import_path"] == "sdaot.runtime.serve.ray.deployments:app"
     assert app(application["args"]) is not None
     assert app({"models": "SD1.5", "replicas": "2", "queue_size": "3"}) is not None  # `serve run k=v` gives text
 

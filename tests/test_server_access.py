@@ -16,7 +16,7 @@ PUBLIC = ["/", "/web/app.js", "/web/style.css", "/healthz", "/readyz", "/docs", 
 PRIVATE = [("GET", "/v1/samplers"), ("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/jobs"),
            ("GET", "/v1/jobs/job_0"), ("POST", "/v1/image/generation"), ("GET", "/v1/nothing"),
            ("GET", "/nothing"), ("GET", "/web")]
-WEB = Path(__file__).parent.parent / "runtime" / "web"
+WEB = Path(__file__).parent.parent / "runtime" / "serve" / "web"
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_ray_app_refuses_to_start_without_keys(monkeypatch):
     import yaml
 
     from sdaot.runtime.errors import InvalidRequestError
-    from sdaot.runtime.ray_app import app
+    from sdaot.runtime.serve.ray.deployments import app
 
     monkeypatch.delenv("SDAOT_API_KEYS", raising=False)
     with pytest.raises(InvalidRequestError) as refused:

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from sdaot.runtime.errors import InvalidRequestError
-from sdaot.runtime.serving import Server, ServerConfig
-from sdaot.runtime.webhook_address import refusal, resolve_target
-from sdaot.runtime.webhooks import deliver
+from sdaot.runtime.serve.serving import Server, ServerConfig
+from sdaot.runtime.serve.webhook_address import refusal, resolve_target
+from sdaot.runtime.serve.webhooks import deliver
 
 INTERNAL = ["http://127.0.0.1/", "http://2130706433/", "http://0x7f000001/", "http://0177.0.0.1/",
             "http://127.1/", "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]/",

@@ -34,16 +34,16 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from .artifacts import default_root
-from .controlnet import controlnet_dir
-from .errors import BusyError, InvalidRequestError
-from .generation_queue import GenerationQueue
-from .lora import lora_dir
-from .pipeline import GenerationResult, Plan
-from .planning import Planner
-from .registry import get_model
+from ...artifacts import default_root
+from ...controlnet import controlnet_dir
+from ...errors import BusyError, InvalidRequestError
+from ...lora import lora_dir
+from ...pipeline import GenerationResult, Plan
+from ...planning import Planner
+from ...registry import get_model
+from ..generation_queue import GenerationQueue
+from ..serving import ServerConfig, load_served_pipeline
 from .remote_pipeline import RemotePipeline
-from .serving import ServerConfig, load_served_pipeline
 
 log = logging.getLogger("sdaot.ray")
 APP_NAME = "sdaot"
@@ -153,7 +153,7 @@ class Ingress:
         self.models = models
 
     def __serve_build_asgi_app__(self) -> Any:
-        from .server import create_app
+        from ..app import create_app
 
         return create_app(self.config, open_pipeline=self.open_remote)
 
@@ -196,10 +196,11 @@ CONFIG_FIELDS = {f.name for f in fields(ServerConfig)}
 
 
 def app(args: dict[str, Any]) -> Application:
-    """The application for `serve run sdaot.runtime.ray_app:app models=SD1.5 replicas=2` and for a `serve deploy`
-    YAML's `import_path` and `args`: ServerConfig's fields and Scaling's, by name. API keys come from `api_keys`
-    or from SDAOT_API_KEYS (comma-separated; set it in the YAML's runtime_env); without any it refuses to start
-    unless `insecure_no_auth` is true, as `sdaot serve` refuses a non-loopback address (Ray's proxy is one)."""
+    """The application for `serve run sdaot.runtime.serve.ray.deployments:app models=SD1.5 replicas=2` and for a
+    `serve deploy` YAML's `import_path` and `args`: ServerConfig's fields and Scaling's, by name. API keys come
+    from `api_keys` or from SDAOT_API_KEYS (comma-separated; set it in the YAML's runtime_env); without any it
+    refuses to start unless `insecure_no_auth` is true, as `sdaot serve` refuses a non-loopback address (Ray's
+    proxy is one)."""
     args = dict(args)
     try:
         insecure_no_auth = TypeAdapter(bool).validate_python(args.pop("insecure_no_auth", False))

@@ -16,16 +16,16 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
-from .api_schema import ApiGenerationRequest
-from .errors import NotFoundError, SdaotError, ServiceUnavailableError, error_content
+from ..errors import InvalidRequestError, NotFoundError, SdaotError, ServiceUnavailableError
+from ..images import decode_image, encode_image
+from ..pipeline import GenerationResult, Pipeline, Plan
+from ..registry import get_model
+from ..request import parse_request
+from ..weights import BUILT_IN_SOURCES
 from .generation_queue import GenerationQueue, Job, owner_of
-from .images import decode_image, encode_image
-from .pipeline import GenerationResult, Pipeline, Plan
-from .registry import get_model
-from .request import parse_request
+from .protocol import ApiGenerationRequest, error_content
 from .streams import StreamLimit
 from .webhooks import WebhookSender
-from .weights import BUILT_IN_SOURCES
 
 log = logging.getLogger("sdaot.server")
 COUNTED_PATHS = ("/v1/image", "/v1/jobs")
@@ -58,7 +58,18 @@ class ServerConfig:
     webhook_backlog: int = 64
     device: str = "auto"
     host: str | None = None
+    tiny_vae_folder: Path | None = None
 
+    def check(self) -> None:
+        """Refuse values no server can run with, naming the setting."""
+        if self.workers < 1 or self.queue_size < 0:
+            raise InvalidRequestError("workers must be >= 1 and queue-size >= 0", param="workers")
+        if min(self.max_queued_jobs, self.keep_finished, self.keep_finished_s, self.keep_finished_bytes) < 0:
+            raise InvalidRequestError("must be >= 0", param="max_queued_jobs, keep_finished, keep_finished_count, "
+                                      "keep_finished_bytes")
+        if min(self.max_jobs_per_key, self.max_event_streams, self.max_event_streams_per_key) < 1:
+            raise InvalidRequestError("must be >= 1", param="max_jobs_per_key, max_event_streams, "
+                                      "max_event_streams_per_key")
 
     def serves_refiner(self, model: str) -> bool:
         """Whether `model` is served with its refiner: an SDXL base with a built-in weight source."""
@@ -68,11 +79,12 @@ class ServerConfig:
 def load_served_pipeline(name: str, config: ServerConfig) -> Pipeline:
     """Model `name`'s pipeline loaded in this process as `config` serves it (with the refiner where the model
     has one and the weight source provides it)."""
-    from .loader import load_pipeline
+    from ..loader import load_pipeline
 
     return load_pipeline(name, config.weights, with_refiner=config.serves_refiner(name),
                          artifacts_root=config.artifacts_root, lora_folder=config.lora_folder,
-                         controlnet_folder=config.controlnet_folder, device=config.device)
+                         controlnet_folder=config.controlnet_folder, device=config.device,
+                         tiny_vae_folder=config.tiny_vae_folder)
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:

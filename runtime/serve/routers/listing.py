@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..api_schema import error_responses
-from ..errors import without_paths
+from ...errors import without_paths
+from ..protocol import error_responses
 from ..serving import ServerDep
 
 router = APIRouter(prefix="/v1", responses=error_responses(401))
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", responses=error_responses(401))
 def models(server: ServerDep) -> dict:
     """Served models with family, weight source, compiled resolutions per backend and LoRA files (how many
     of each file's tensors match the model; no absolute path). Generations of one model run one at a time."""
-    from ..controlnet import controlnet_registry
+    from ...controlnet import controlnet_registry
 
     controlnets = [{"name": n, "preprocessor": c["preprocessor"]} for n, c in controlnet_registry().items()]
     rows = []
@@ -40,7 +40,7 @@ def models(server: ServerDep) -> dict:
 @router.get("/samplers")
 async def samplers() -> dict:
     """Sampler names accepted in `sampler`, with the diffusers scheduler and options each one uses."""
-    from ..samplers import SAMPLERS
+    from ...samplers import SAMPLERS
 
     return {"object": "list", "data": [{"name": s.name, "scheduler": s.scheduler, "options": s.options}
                                        for s in SAMPLERS.values()]}
@@ -49,6 +49,6 @@ async def samplers() -> dict:
 @router.get("/style-presets")
 async def style_presets() -> dict:
     """Style preset names accepted in `style_preset`, with their templates."""
-    from ..presets import presets
+    from ...presets import presets
 
     return {"object": "list", "data": [{"name": name, **template} for name, template in presets().items()]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .errors import BusyError
+from ..errors import BusyError
 
 
 class StreamLimit:

@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..api_schema import ApiGenerationRequest, GenerationResponse, error_responses
-from ..errors import BusyError
+from ...errors import BusyError
 from ..generation_queue import Cancelled, Job
+from ..protocol import ApiGenerationRequest, GenerationResponse, error_responses
 from ..serving import Server, ServerDep, error_body, plan_request
 
 router = APIRouter()

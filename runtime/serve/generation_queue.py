@@ -23,9 +23,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import BusyError, SdaotError
+from ..pipeline import Cancelled, GenerationResult, Pipeline, Plan
 from .admission import Admission
-from .errors import BusyError, SdaotError, error_content
-from .pipeline import Cancelled, GenerationResult, Pipeline, Plan
+from .protocol import error_content, error_shape
 
 log = logging.getLogger("sdaot.queue")
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -239,7 +240,7 @@ class GenerationQueue:
             self._finish(job, "cancelled")
             raise
         except SdaotError as exc:
-            self._finish(job, "failed", error=exc.reported(job.id).content())
+            self._finish(job, "failed", error=error_shape(exc.reported(job.id)))
             raise
         except Exception:
             log.exception("generation %s failed", job.id)

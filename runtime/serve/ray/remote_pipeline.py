@@ -13,11 +13,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .errors import BusyError, SdaotError, ServiceUnavailableError
-from .pipeline import Cancelled, GenerationResult, Plan, Progress
-from .planning import Planner
-from .registry import ModelSpec
-from .request import GenerationRequest
+from ...errors import BusyError, SdaotError, ServiceUnavailableError
+from ...pipeline import Cancelled, GenerationResult, Plan, Progress
+from ...planning import Planner
+from ...registry import ModelSpec
+from ...request import GenerationRequest
 
 
 class RemotePipeline:

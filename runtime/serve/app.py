@@ -18,17 +18,18 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
+from .. import __version__
+from ..errors import BusyError, SdaotError
+from ..pipeline import Pipeline
 from .access import ApiKeyGate, HostCheck, is_loopback, request_id
 from .body_limit import BodyLimit
-from .errors import BusyError, SdaotError
-from .pipeline import Pipeline
+from .protocol import status_of
 from .routers import generation, health, jobs, listing
 from .security_headers import SecurityHeaders, docs_page
 from .serving import Server, ServerConfig, error_body
 
 log = logging.getLogger("sdaot.server")
-WEB = resources.files("sdaot.runtime") / "web"
+WEB = resources.files("sdaot.runtime.serve") / "web"
 
 
 def rescan_on_sighup(server: Server) -> None:
@@ -85,7 +86,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
     @app.exception_handler(SdaotError)
     async def _sdaot(request: Request, exc: SdaotError):
         exc = exc.reported(request_id(request.scope))
-        response = error_body(exc.status_code, exc.message, exc.param, exc.error_type)
+        response = error_body(status_of(exc), exc.message, exc.param, exc.error_type)
         if isinstance(exc, BusyError):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         return response

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..api_schema import error_responses
+from ..protocol import error_responses
 from ..serving import ServerDep, error_body
 
 router = APIRouter()

@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 from .webhook_address import resolve_target
 
 log = logging.getLogger("sdaot.webhooks")

@@ -1,4 +1,5 @@
-"""The HTTP request body of POST /v1/image/generation, as the reference API defines it (plus our extras)."""
+"""The API's models: request bodies as the reference API defines them (plus our extras), answers, job states,
+and the error shape with the HTTP status of each kind of error."""
 
 from __future__ import annotations
 
@@ -6,7 +7,31 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .request import MAX_SIDE, MIN_SIDE, RequestFields
+from ..errors import SdaotError, without_paths
+from ..request import MAX_SIDE, MIN_SIDE, RequestFields
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable", 504: "timeout_error"}
+STATUS_OF_KIND = {"invalid_request_error": 400, "not_found_error": 404, "weights_not_found": 503,
+                  "service_unavailable": 503, "rate_limit_error": 429}
+
+
+def status_of(error: SdaotError) -> int:
+    """The HTTP status that answers an error of this kind."""
+    return STATUS_OF_KIND.get(error.error_type, 400)
+
+
+def error_content(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict[str, object]:
+    """The reference API's error shape: {object, message, type, param, code}; absolute paths in the message
+    are cut to their last part."""
+    return {"object": "error", "message": without_paths(message), "type": kind or ERROR_TYPES.get(status, "api_error"),
+            "param": param, "code": status}
+
+
+def error_shape(error: SdaotError) -> dict[str, object]:
+    """An sdaot error in the API's error shape."""
+    return error_content(status_of(error), error.message, error.param, error.error_type)
 
 
 class ApiGenerationRequest(RequestFields):

@@ -13,9 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..api_schema import JobAccepted, JobRequest, JobState, error_responses
-from ..errors import BusyError, NotFoundError
+from ...errors import BusyError, NotFoundError
 from ..generation_queue import Job
+from ..protocol import JobAccepted, JobRequest, JobState, error_responses
 from ..serving import Server, ServerDep, job_content, plan_request
 from ..webhooks import check_webhook_url
 
