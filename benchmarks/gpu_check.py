@@ -38,7 +38,8 @@ def main(steps: int, out: Path) -> None:
     if not torch.cuda.is_available():
         click.echo("error: torch sees no CUDA GPU here: this check runs on a machine with one", err=True)
         sys.exit(2)
-    from sdaot.compiler.compile import build_target, compile_model
+    from sdaot.compiler.compile import compile_model
+    from sdaot.compiler.options import BuildOptions
     from sdaot.runtime.loader import load_pipeline
     from sdaot.runtime.registry import get_model
     from sdaot.runtime.request import parse_request
@@ -50,7 +51,7 @@ def main(steps: int, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="sdaot-gpu-check-"))
-    target = build_target(resolve_target("cuda"))
+    target = BuildOptions().check(resolve_target("cuda"))
     start = time.perf_counter()
     compile_model(load_weights(get_model("SD1.5"), "random"), [Resolution(512, 512)], None, None, target, root,
                   log=click.echo)

@@ -202,8 +202,7 @@ class Runner:
                            round(setup, 2), rss_after_mb=psutil.Process().memory_info().rss / 2**20,
                            kernel_sum_s=tuning.get("kernel_sum_s"), profile=profile[:PROFILE_ROWS],
                            profile_total_s=sum(row["seconds"] for row in profile) or None,
-                           conv_algorithm=build.get("conv_algorithm", "direct") if build else None,
-                           weight_transforms=build.get("weight_transforms", "per-call") if build else None,
+                           conv_algorithm=build.get("conv_algorithm"), weight_transforms=build.get("weight_transforms"),
                            precision=getattr(runner, "precision", "fp32"))
 
 

@@ -28,11 +28,11 @@ from sdaot.runtime.components import controlnet_modules
 from sdaot.runtime.controlnet import get_controlnet_name, load_controlnet
 from sdaot.runtime.errors import InvalidRequestError
 from sdaot.runtime.resolution import Resolution
-from sdaot.runtime.targets import precision_target, target_json, target_key
+from sdaot.runtime.targets import target_json, target_key
 from sdaot.runtime.weights import ModelBundle
 
 from .export import ExportedGraph, export_component
-from .tuning import TuningOptions
+from .options import DEFAULT_BUILD, BuildOptions
 from .tvm_build import build_library
 
 
@@ -83,14 +83,6 @@ def plan_jobs(bundle: ModelBundle, resolutions: list[Resolution], components: li
     return jobs
 
 
-def build_target(target: Any, conv_algorithm: str = "direct", precision: str = "fp32") -> Any:
-    """The target the artifacts are built for, once the options are known to fit it (InvalidRequestError naming
-    the option otherwise): callers check this before loading any weights."""
-    if conv_algorithm != "direct" and target.kind.name != "llvm":
-        raise InvalidRequestError(f"{conv_algorithm} is implemented for CPU targets only", param="conv_algorithm")
-    return precision_target(target, precision)
-
-
 @dataclass(frozen=True)
 class CompilePlan:
     """What one `sdaot compile` builds: the checked target, the modules and the jobs, in order."""
@@ -102,47 +94,41 @@ class CompilePlan:
 
 def plan_compile(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
                  batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
-                 conv_algorithm: str = "direct", precision: str = "fp32",
-                 log: Callable[[str], None] = print) -> CompilePlan:
+                 options: BuildOptions = DEFAULT_BUILD, log: Callable[[str], None] = print) -> CompilePlan:
     """Check the options, plan the jobs and remove what killed compiles left in `root`: the start of every
     compile, local or on a cluster."""
-    target = build_target(target, conv_algorithm, precision)
+    target = options.check(target)
     modules = compile_modules(bundle, controlnet)
     jobs = plan_jobs(bundle, resolutions, components, batches, modules)
     if remove_stale_temporaries(root):
         log("removed temporary folders left by an interrupted compile")
-    log(f"compiling {len(jobs)} {precision} artifacts of {bundle.spec.name} for {target_key(target)} into {root}")
+    log(f"compiling {len(jobs)} {options.precision} artifacts of {bundle.spec.name} for {target_key(target)} "
+        f"into {root}")
     return CompilePlan(target, modules, jobs)
 
 
 def compile_model(bundle: ModelBundle, resolutions: list[Resolution], components: list[str] | None,
                   batches: list[int] | None, target: Any, root: Path, controlnet: str | None = None,
-                  tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
-                  weight_transforms: str = "per-call", precision: str = "fp32",
-                  log: Callable[[str], None] = print) -> list[Path]:
+                  options: BuildOptions = DEFAULT_BUILD, log: Callable[[str], None] = print) -> list[Path]:
     """`sdaot compile`: every artifact of the model that the arguments ask for, one after another. Returns the
     artifact folders."""
-    plan = plan_compile(bundle, resolutions, components, batches, target, root, controlnet, conv_algorithm,
-                        precision, log)
+    plan = plan_compile(bundle, resolutions, components, batches, target, root, controlnet, options, log)
     paths = []
     for i, job in enumerate(plan.jobs, 1):
         log(f"[{i}/{len(plan.jobs)}] {job.describe()}")
         start = time.perf_counter()
-        paths.append(compile_job(bundle, job, plan.target, root, log=log, modules=plan.modules, tuning=tuning,
-                                 conv_algorithm=conv_algorithm, weight_transforms=weight_transforms,
-                                 precision=precision))
+        paths.append(compile_job(bundle, job, plan.target, root, log=log, modules=plan.modules, options=options))
         log(f"  done in {time.perf_counter() - start:.1f} s -> {paths[-1]}")
     return paths
 
 
 def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
                 log: Callable[[str], None] = print, modules: dict[str, torch.nn.Module] | None = None,
-                tuning: TuningOptions | None = None, conv_algorithm: str = "direct",
-                weight_transforms: str = "per-call", precision: str = "fp32") -> Path:
-    """Build one artifact into a temporary folder, then rename it into place (never a half artifact)."""
-
+                options: BuildOptions = DEFAULT_BUILD) -> Path:
+    """Build one artifact into a temporary folder (for a target `options` were checked against), then rename it
+    into place (never a half artifact)."""
     final = artifact_dir(root, bundle.spec.name, job.component, job.resolution, job.batch, target_key(target),
-                         precision)
+                         options.precision)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / _temporary_name("tmp")
     tmp.mkdir()
@@ -153,22 +139,14 @@ def compile_job(bundle: ModelBundle, job: CompileJob, target: Any, root: Path,
         onnx.save(graph.model, str(tmp / "model.onnx"))
         exported = time.perf_counter()
         log(f"  exported ONNX in {exported - start:.1f} s ({len(graph.weights)} weight inputs)")
-        info = build_library(graph.model, target, tmp / "lib.so", tuning=tuning, log=log,
-                             conv_algorithm=conv_algorithm, weight_transforms=weight_transforms,
-                             num_inputs=len(graph.inputs), precision=precision)
+        info = build_library(graph.model, target, tmp / "lib.so", options, log=log, num_inputs=len(graph.inputs))
         built = time.perf_counter()
-        tuned_note = f", {info.scheduled_functions} with tuned schedules" if tuning else ""
-        winograd_note = f", {info.winograd_convolutions} convolutions by Winograd" if conv_algorithm != "direct" else ""
-        bf16_note = f", {info.bf16_matmuls} matmuls in bf16" if precision != "fp32" else ""
-        bf16_note += f" ({info.amx_matmuls} on AMX tiles)" if info.amx_matmuls else ""
-        log(f"  built TVM library in {built - exported:.1f} s ({info.total_functions} kernels{tuned_note}"
-            f"{winograd_note}{bf16_note})")
+        log(f"  built TVM library in {built - exported:.1f} s ({info.describe(options)})")
         describe_artifact(bundle, job, graph, target, lib_sha256=file_sha256(tmp / "lib.so"),
                           tuned_functions=info.scheduled_functions, total_functions=info.total_functions,
                           tuning=asdict(info.tuning) if info.tuning else None,
-                          tuning_database=str(tuning.database) if tuning else None, conv_algorithm=conv_algorithm,
-                          winograd_convolutions=info.winograd_convolutions, weight_transforms=weight_transforms,
-                          precision=precision, build_seconds=round(built - start, 2)).write(tmp)
+                          winograd_convolutions=info.winograd_convolutions, build_seconds=round(built - start, 2),
+                          **options.manifest_fields()).write(tmp)
         if final.exists():
             old = final.parent / _temporary_name("old")
             final.rename(old)

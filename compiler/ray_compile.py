@@ -30,6 +30,7 @@ from typing import Any
 from sdaot.runtime.errors import InvalidRequestError, SdaotError
 
 from .compile import CompileJob, CompilePlan, compile_job, compile_modules
+from .options import DEFAULT_BUILD, BuildOptions
 from .tuning import TuningOptions, merge_work_dirs, private_copy
 
 RETRIES = 1
@@ -45,10 +46,7 @@ class RemoteBuild:
     target: dict[str, Any]
     root: str
     controlnet: str | None = None
-    tuning: TuningOptions | None = None
-    conv_algorithm: str = "direct"
-    weight_transforms: str = "per-call"
-    precision: str = "fp32"
+    options: BuildOptions = DEFAULT_BUILD
 
 
 def build_on_node(build: RemoteBuild, job: CompileJob, work_dir: str | None = None) -> tuple[str, float, str]:
@@ -64,15 +62,13 @@ def build_on_node(build: RemoteBuild, job: CompileJob, work_dir: str | None = No
 
     quiet_libraries()
     start = time.perf_counter()
-    tuning = build.tuning
-    if tuning is not None and work_dir is not None:
-        private_copy(tuning.database, Path(work_dir))
-        tuning = replace(tuning, work_dir=Path(work_dir))
+    options = build.options
+    if options.tuning is not None and work_dir is not None:
+        private_copy(options.tuning.database, Path(work_dir))
+        options = replace(options, tuning=replace(options.tuning, work_dir=Path(work_dir)))
     bundle = load_weights(get_model(build.model), build.weights)
     path = compile_job(bundle, job, tvm.target.Target(build.target), Path(build.root), log=lambda _: None,
-                       modules=compile_modules(bundle, build.controlnet), tuning=tuning,
-                       conv_algorithm=build.conv_algorithm,
-                       weight_transforms=build.weight_transforms, precision=build.precision)
+                       modules=compile_modules(bundle, build.controlnet), options=options)
     return str(path), time.perf_counter() - start, socket.gethostname()
 
 
@@ -114,7 +110,7 @@ def compile_on_ray(plan: CompilePlan, build: RemoteBuild, address: str | None,
     cpus = node_cpus(ray)
     task = ray.remote(build_on_node).options(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=True)
     log(f"on Ray: {len(ray.nodes())} node(s), each build reserving {cpus} CPUs")
-    work_dirs = tuning_work_dirs(plan.jobs, build.tuning)
+    work_dirs = tuning_work_dirs(plan.jobs, build.options.tuning)
     pending = {task.remote(build, job, work_dirs.get(job)): job for job in plan.jobs}
     paths: dict[CompileJob, Path] = {}
     failed: dict[CompileJob, str] = {}
@@ -131,12 +127,12 @@ def compile_on_ray(plan: CompilePlan, build: RemoteBuild, address: str | None,
         paths[job] = Path(path)
         log(f"[{finished}/{len(plan.jobs)}] {job.describe()} done in {seconds:.1f} s on {node} -> {path}")
     if work_dirs:
-        added = merge_work_dirs(build.tuning.database, [Path(d) for d in work_dirs.values()])
+        added = merge_work_dirs(build.options.tuning.database, [Path(d) for d in work_dirs.values()])
         run_dir = Path(next(iter(work_dirs.values()))).parent
         run_dir.rmdir()
         with contextlib.suppress(OSError):  # another run's folders are still there
             run_dir.parent.rmdir()
-        log(f"merged {added} new tuning records from {len(work_dirs)} job(s) into {build.tuning.database}")
+        log(f"merged {added} new tuning records from {len(work_dirs)} job(s) into {build.options.tuning.database}")
     if failed:
         raise SdaotError(f"{len(failed)} of {len(plan.jobs)} builds failed: "
                          + "; ".join(f"{job.describe()}: {why}" for job, why in failed.items()))

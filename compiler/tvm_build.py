@@ -18,6 +18,7 @@ from .kernels.amx_matmul import AmxLegalization
 from .kernels.attention import fuse_attention
 from .kernels.bf16_matmul import Bf16Legalization
 from .kernels.winograd import use_winograd
+from .options import DEFAULT_BUILD, BuildOptions
 from .tuning import TuningOptions, TuningReport, count_scheduled, tune_and_apply
 
 
@@ -32,35 +33,40 @@ class BuildInfo:
     bf16_matmuls: int = 0
     amx_matmuls: int = 0
 
+    def describe(self, options: BuildOptions) -> str:
+        """One line for the compile log: kernels, and what the options made of them."""
+        notes = [f"{self.total_functions} kernels"]
+        if options.tuning:
+            notes.append(f"{self.scheduled_functions} with tuned schedules")
+        if options.winograd:
+            notes.append(f"{self.winograd_convolutions} convolutions by Winograd")
+        if options.bf16:
+            notes.append(f"{self.bf16_matmuls} matmuls in bf16"
+                         + (f" ({self.amx_matmuls} on AMX tiles)" if self.amx_matmuls else ""))
+        return ", ".join(notes)
 
-WEIGHT_TRANSFORMS = ("per-call", "once")
 
+def build_library(model: onnx.ModelProto, target: Any, out_path: Path, options: BuildOptions = DEFAULT_BUILD,
+                  log: Callable[[str], None] = print, num_inputs: int = 0) -> BuildInfo:
+    """Compile the graph for `target` (which `options` were checked against) into `out_path` (a .so), tuned with
+    MetaSchedule when `options.tuning` says so.
 
-def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: TuningOptions | None = None,
-                  log: Callable[[str], None] = print, conv_algorithm: str = "direct",
-                  weight_transforms: str = "per-call", num_inputs: int = 0, precision: str = "fp32") -> BuildInfo:
-    """Compile the graph for `target` into `out_path` (a .so), tuned with MetaSchedule when asked.
-
-    Weights are graph inputs already (see export.py), so they stay function parameters of `main`; only
-    small shape constants are left as initializers and get embedded. Because a weight is an input, the
-    exporter's `Transpose(W)` before each linear layer cannot be folded away: it runs every call, as a
-    tiled copy (kernels/transpose.py) feeding a row-major matmul. Fusing it into the matmul instead
-    (`relax.transform.FuseTransposeMatmul`) was slower here: the fused kernels reached 34 GFLOP/s tuned.
-    On CPUs each attention becomes one kernel (kernels/attention.py); transcendental functions use fast
-    approximations (fast_math.py). On CPUs, attentions, convolutions and matmuls get their register-blocked
-    schedule (kernels.RULES_BEFORE_TUNING, sized for the target's CPU) before tuning: they are neither tuned nor
-    replaced by records, since that schedule runs at the machine's matmul peak. `conv_algorithm` other
-    than `direct` computes 3x3 convolutions by Winograd (kernels/winograd.py; CPU targets only).
-
-    With `weight_transforms="once"` everything computed from the weights alone (the linear layers'
-    transposes, Winograd's weight transforms) moves into a second function, `main_transform_params`,
-    that the runtime calls when it loads the artifact and again whenever a weight changes (LoRA); `main`
-    then takes the transformed weights after its `num_inputs` inputs. It costs memory for the transformed
-    copies and saves their computation on every call.
-
-    With `precision="bf16"` (a CPU target with AVX-512 BF16), matmuls run in bf16 with fp32 sums
-    (kernels/bf16_matmul.py): the linear layers, and every Winograd convolution's 36 products. On a target
-    with AMX-BF16 the linear layers run on AMX tiles instead (kernels/amx_matmul.py).
+    1. Import: weights are graph inputs already (see export.py), so they stay function parameters of `main`;
+       only small shape constants are left as initializers and get embedded. Because a weight is an input, the
+       exporter's `Transpose(W)` before each linear layer cannot be folded away: it runs every call, as a tiled
+       copy (kernels/transpose.py) feeding a row-major matmul.
+    2. Graph rewrites (`rewrite_graph`): on CPUs each attention becomes one kernel (kernels/attention.py);
+       `winograd` computes 3x3 convolutions by Winograd (kernels/winograd.py); transcendental functions use
+       fast approximations (fast_math.py); `bf16` runs matmuls in bf16 with fp32 sums, on AMX tiles where the
+       target has AMX-BF16 (kernels/amx_matmul.py), else through `vdpbf16ps` (kernels/bf16_matmul.py);
+       `transforms_once` moves everything computed from the weights alone into `main_transform_params`, which
+       the runtime calls at load and whenever a weight changes (LoRA): `main` then takes the transformed
+       weights after its `num_inputs` inputs.
+    3. Schedules (`schedule`): attentions, convolutions and matmuls get their register-blocked schedule
+       (kernels.RULES_BEFORE_TUNING, sized for the target's CPU) before tuning, which therefore neither tunes
+       nor replaces them; the rest is tuned when asked, then the fallback rules (CPU) or DLight (CUDA) cover
+       what is left.
+    4. Build and export the library.
     """
     import tvm
     from tvm import relax
@@ -70,26 +76,43 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
         warnings.simplefilter("ignore")
         mod = from_onnx(model, keep_params_in_input=False)
     mod, _ = relax.frontend.detach_params(mod)
+    mod, winograd_convolutions, legalization = rewrite_graph(mod, target, options, num_inputs)
+    if options.tuning is not None and target.kind.name == "llvm" and "num-cores" not in target.attrs:
+        target = tvm.target.Target({**json.loads(str(target)), "num-cores": os.cpu_count() or 1})
+    mod, report, total = schedule(mod, target, options.tuning, log)
+    tvm.compile(mod, target=target).export_library(str(out_path))
+    return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions,
+                     legalization.rewritten, legalization.tiled if isinstance(legalization, AmxLegalization) else 0)
+
+
+def rewrite_graph(mod: Any, target: Any, options: BuildOptions, num_inputs: int) -> tuple[Any, int, Any]:
+    """Phase 2 of `build_library`: the graph rewrites the options and the target ask for. Returns the module,
+    how many convolutions became Winograd's and the bf16 legalization used (its counts)."""
+    from tvm import relax
+
     cpu = target.kind.name == "llvm"
-    if weight_transforms not in WEIGHT_TRANSFORMS:
-        raise ValueError(f"weight transforms must be one of {', '.join(WEIGHT_TRANSFORMS)}, not {weight_transforms!r}")
-    if conv_algorithm != "direct" and not cpu:
-        raise ValueError(f"conv algorithm {conv_algorithm!r} is implemented for CPU targets only")
-    if precision != "fp32" and not (cpu and cpu_profile(target).avx512_bf16):
-        raise ValueError(f"precision {precision!r} needs a CPU target with AVX-512 BF16")
     winograd_convolutions = 0
     if cpu:
         mod = fuse_attention(mod)
-        mod, winograd_convolutions = use_winograd(mod, conv_algorithm, weight_transforms == "once")
+        mod, winograd_convolutions = use_winograd(mod, options.conv_algorithm, options.transforms_once)
     bf16 = AmxLegalization() if cpu and AmxLegalization.applies(cpu_profile(target)) else Bf16Legalization()
-    mod = use_fast_math(mod, bf16.legalization_map() if precision == "bf16" else {})
-    if weight_transforms == "once":
+    mod = use_fast_math(mod, bf16.legalization_map() if options.bf16 else {})
+    if options.transforms_once:
         mod["main"] = mod["main"].with_attr("num_input", num_inputs)
         mod = relax.transform.LiftTransformParams()(mod)
+    return mod, winograd_convolutions, bf16
+
+
+def schedule(mod: Any, target: Any, tuning: TuningOptions | None,
+             log: Callable[[str], None]) -> tuple[Any, TuningReport | None, int]:
+    """Phase 3 of `build_library`: every kernel scheduled. Returns the module, the tuning report (None untuned)
+    and how many kernels there are."""
+    import tvm
+    from tvm import relax
+
+    cpu = target.kind.name == "llvm"
     report = None
     if tuning is not None:
-        if cpu and "num-cores" not in target.attrs:
-            target = tvm.target.Target({**json.loads(str(target)), "num-cores": os.cpu_count() or 1})
         with target:
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                             relax.transform.CanonicalizeBindings(),
@@ -111,7 +134,4 @@ def build_library(model: onnx.ModelProto, target: Any, out_path: Path, tuning: T
                                               dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())(mod)
     elif cpu:
         mod = apply_fallback_rules(mod, target)
-    executable = tvm.compile(mod, target=target)
-    executable.export_library(str(out_path))
-    return BuildInfo(report.scheduled_functions if report else 0, total, report, winograd_convolutions,
-                     bf16.rewritten, bf16.tiled if isinstance(bf16, AmxLegalization) else 0)
+    return mod, report, total

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import TypedDict
 
+from .build_choices import CONV_ALGORITHMS, PRECISIONS, WEIGHT_TRANSFORMS, ConvAlgorithm, Precision, WeightTransforms
 from .resolution import Resolution
 
 MANIFEST = "manifest.json"
@@ -68,10 +69,10 @@ class Manifest(BaseModel):
     total_functions: int = 0
     tuning: dict[str, Any] | None = None
     tuning_database: str | None = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: ConvAlgorithm = CONV_ALGORITHMS[0]
     winograd_convolutions: int = 0
-    weight_transforms: str = "per-call"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    weight_transforms: WeightTransforms = WEIGHT_TRANSFORMS[0]
+    precision: Precision = PRECISIONS[0]
     build_seconds: float = 0.0
     created: str
 

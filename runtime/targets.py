@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .amx import cpu_flags, host_has_amx
+from .build_choices import PRECISIONS
 from .errors import InvalidRequestError
 
 
@@ -69,8 +70,6 @@ def target_json(target: Any) -> dict[str, Any]:
     return json.loads(str(target))
 
 
-PRECISIONS = ("fp32", "bf16")
-"""What `sdaot compile --precision` builds: fp32 throughout, or bf16 matmuls accumulating in fp32."""
 CPUINFO = Path("/proc/cpuinfo")
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from ..build_choices import CONV_ALGORITHMS, PRECISIONS, WEIGHT_TRANSFORMS
 from ..errors import InvalidRequestError, SdaotError
 from ..resolution import Resolution
-from ..targets import PRECISIONS
 
 
 @click.command()
@@ -33,13 +34,14 @@ from ..targets import PRECISIONS
                    "applied to every CPU build, with or without --tune.")
 @click.option("--trials-per-task", type=int, default=64, show_default=True)
 @click.option("--tune-tasks", type=int, default=None, help="Tune only the N heaviest tasks of each component.")
-@click.option("--conv-algorithm", type=click.Choice(["direct", "winograd", "auto"]), default="direct",
+@click.option("--conv-algorithm", type=click.Choice(CONV_ALGORITHMS), default=CONV_ALGORITHMS[0],
               show_default=True, help="3x3 convolutions: direct, Winograd F(4x4,3x3) wherever it fits, or Winograd "
                                       "where it saves time (CPU targets).")
-@click.option("--weight-transforms", type=click.Choice(["per-call", "once"]), default="per-call", show_default=True,
+@click.option("--weight-transforms", type=click.Choice(WEIGHT_TRANSFORMS), default=WEIGHT_TRANSFORMS[0],
+              show_default=True,
               help="Compute what derives from the weights alone (transposes, Winograd weight transforms) on every "
                    "call, or once at load and after a weight changes (faster, more memory).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True,
               help="bf16: matmuls (linear layers, Winograd's products) in bf16 with fp32 sums: on AMX tiles where the "
                    "CPU has amx_bf16, through vdpbf16ps where it has only AVX-512 BF16. Their artifacts sit beside "
                    "the fp32 ones; where both exist, auto/tvm run bf16 only when it is AMX (see `sdaot artifacts`).")
@@ -61,7 +63,8 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
     from ..weights import load_weights
 
     try:
-        from sdaot.compiler.compile import build_target, compile_model, plan_compile
+        from sdaot.compiler.compile import compile_model, plan_compile
+        from sdaot.compiler.options import BuildOptions
         from sdaot.compiler.tuning import tuning_options
     except ImportError as exc:
         raise SdaotError(f"compiling needs the compile extra (pip install 'sdaot[compile]'): {exc}") from exc
@@ -73,22 +76,22 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         batches = [int(b) for b in batch.split(",")] if batch else None
     except ValueError as exc:
         raise InvalidRequestError(f"batch must be comma-separated integers (got {batch!r})", param="batch") from exc
-    tvm_target = build_target(resolve_target(target), conv_algorithm, precision)
+    options = BuildOptions(conv_algorithm, weight_transforms, precision)
+    tvm_target = options.check(resolve_target(target))
     root = root or default_root()
-    tuning = tuning_options((tuning_db or root / "tuning" / target_key(tvm_target)).resolve(), tune, tune_budget,
-                            trials_per_task, tune_tasks, tvm_target.kind.name, log=click.echo)
+    options = replace(options, tuning=tuning_options(
+        (tuning_db or root / "tuning" / target_key(tvm_target)).resolve(), tune, tune_budget, trials_per_task,
+        tune_tasks, tvm_target.kind.name, log=click.echo))
+    names = components.split(",") if components else None
     if ray_address is not None:
         from sdaot.compiler.ray_compile import RemoteBuild, compile_on_ray
 
-        bundle = load_weights(spec, weights)
-        plan = plan_compile(bundle, sizes, components.split(",") if components else None, batches, tvm_target, root,
-                            controlnet, conv_algorithm, precision, log=click.echo)
+        plan = plan_compile(load_weights(spec, weights), sizes, names, batches, tvm_target, root, controlnet, options,
+                            log=click.echo)
         source = str(Path(weights).resolve()) if Path(weights).exists() else weights
-        build = RemoteBuild(spec.name, source, json.loads(str(plan.target)), str(root.resolve()), controlnet,
-                            tuning, conv_algorithm, weight_transforms, precision)
+        build = RemoteBuild(spec.name, source, json.loads(str(plan.target)), str(root.resolve()), controlnet, options)
         compile_on_ray(plan, build, ray_address, log=click.echo)
         return
-    compile_model(load_weights(spec, weights), sizes, components.split(",") if components else None, batches,
-                  tvm_target, root, controlnet, tuning, conv_algorithm, weight_transforms, precision=precision,
+    compile_model(load_weights(spec, weights), sizes, names, batches, tvm_target, root, controlnet, options,
                   log=click.echo)
 

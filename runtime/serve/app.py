@@ -67,6 +67,18 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
                   swagger_ui_oauth2_redirect_url=None,
                   description="Stable Diffusion with ahead-of-time compiled TVM backends and a PyTorch fallback.")
     app.state.server = server
+    add_error_handlers(app)
+    for area in (health, listing, generation, jobs):
+        app.include_router(area.router)
+    add_page(app)
+    add_guards(app, server, config)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every failure answers in the reference API's error shape: validation (400/422), HTTP (404, 405, ...),
+    sdaot's own errors (their kind's status, Retry-After when busy), and anything else as a 500 that names the
+    request id the log has the details under."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -98,8 +110,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
         return error_body(500, f"internal error (details in the server log under request id {rid})", None,
                           "api_error")
 
-    for area in (health, listing, generation, jobs):
-        app.include_router(area.router)
+
+def add_page(app: FastAPI) -> None:
+    """The web page at /, its static files under /web and the API docs at /docs."""
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -112,7 +125,11 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
         return docs_page(request, f"{app.title} API")
 
     app.mount("/web", StaticFiles(directory=str(WEB)), name="web")
-    # Added first, so it runs inside the key check: no body is read before the request is authorized.
+
+
+def add_guards(app: FastAPI, server: Server, config: ServerConfig) -> None:
+    """The middleware every request passes, outermost last: security headers, the Host check (no-key loopback
+    mode), the key check, and the body limit inside it, so that no body is read before the key is checked."""
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, too_large=lambda limit: error_body(
         413, f"request body is over {limit} bytes", None))
     app.add_middleware(ApiKeyGate, authorized=server.authorized, count=server.count_answer,
@@ -124,4 +141,3 @@ def create_app(config: ServerConfig, load_in_background: bool = True,
                  f"loopback addresses (a guard against DNS rebinding); configure API keys to serve other names",
             "host"))
     app.add_middleware(SecurityHeaders)
-    return app
