@@ -47,7 +47,8 @@ def main(steps: int, out: Path) -> None:
     from sdaot.runtime.targets import resolve_target, target_key
     from sdaot.runtime.weights import load_weights
 
-    from .runner import image_psnr, machine_line
+    from .report import machine_line
+    from .runner import image_psnr
 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="sdaot-gpu-check-"))

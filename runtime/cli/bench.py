@@ -41,7 +41,8 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str |
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
     try:
         from sdaot.benchmarks.peers import default_backends
-        from sdaot.benchmarks.runner import BACKENDS, markdown, run_bench
+        from sdaot.benchmarks.report import markdown
+        from sdaot.benchmarks.runner import BACKENDS, run_bench
     except ImportError as exc:
         raise SdaotError(f"benchmarking needs the bench extra (pip install 'sdaot[bench]'): {exc}") from exc
 
