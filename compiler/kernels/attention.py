@@ -1,24 +1,23 @@
 """Attention: each matmul -> softmax -> matmul of an imported graph as one kernel, and its schedule.
 
 The ONNX export spells attention as three ops, so a plain build writes every score matrix to memory and
-reads it back twice: at 4096 tokens (SD1.5's 64x64 latent) that is 1 GiB per pass, and the three
-kernels spent 3.5 s of a 12 s UNet call moving it. The fused kernel computes a block of query rows'
-scores, their softmax and their share of the output while the block is still in cache, as torch's
-scaled_dot_product_attention does.
+reads it back twice: at 4096 tokens (SD1.5's 64x64 latent) that is 1 GiB per pass. The fused kernel
+computes a block of query rows' scores, their softmax and their share of the output while the block is
+still in cache, as torch's scaled_dot_product_attention does.
 
 Schedule (`AttentionRule`), sized by the target's CpuProfile:
 1. Query blocks: the queries split into blocks of two vectors (32 queries on AVX-512, 16 on AVX2), run in
    parallel; every intermediate is computed at the block, so its slice of the score matrix (keys x block
    queries: 512 KiB at 4096 keys on AVX-512) stays in L2.
 2. Scores: transposed (keys x queries), a register block of keys x the block's query vectors, accumulated
-   over the head depth; at most `accumulators` vectors (16 keys x 2 vectors, the whole AVX-512 register
-   file, spilled: 8 keys ran the kernel 5-15 % faster there, 4 instead of 8 keys 13-30 % faster on AVX2).
+   over the head depth; at most `accumulators` vectors, so the block leaves registers for the operands
+   and does not spill.
 3. Softmax statistics (max, sum) per query, reduced over keys with the queries as vector lanes; the
    max-shifted scores are not stored but recomputed inside the exponential (one pass over the score
    slice fewer).
 4. Weighted values: a register block of value columns x the block's query vectors (as many columns as
-   the accumulators allow, any divisor of the head width: 5 of SD1.5's 40 on AVX2 ran 10 % faster than
-   4), then the output written row by row, divided by the sums.
+   the accumulators allow, any divisor of the head width, not only powers of two), then the output
+   written row by row, divided by the sums.
 """
 
 from __future__ import annotations

@@ -1,23 +1,21 @@
 """Direct NCHW convolutions with their element-wise neighbours, register-blocked (`ConvolutionRule`).
 
 A fused convolution kernel (padding, conv, bias/timestep/residual adds) keeps the caller's layout, so the
-weights stay the torch tensors. In fp32 this schedule ran the SD1.5 UNet's and VAE's convolutions at
-170-220 GFLOP/s on 2 AVX-512 cores, as fast as torch's oneDNN; MetaSchedule's random samples of the same
-convolutions ran at 23-95 GFLOP/s.
+weights stay the torch tensors. The schedule aims at the machine's matmul peak, where the peers' oneDNN
+convolutions run, which MetaSchedule's samples do not reach; measured rates are in benchmarks/HISTORY.md.
 
 Strategy:
 0. A 1x1 convolution of stride 1 without padding is a matmul per image and gets matmul.py's packed-panel
-   schedule (SD1.5's 320-channel 1x1 convolutions at 64x64: ~49 -> ~130 GFLOP/s on AVX-512).
+   schedule.
 1. Inline every element-wise block around the convolution except its padding and the output (epilogue).
 2. Register block: output channels x output columns, two vectors of columns and as many channels as the
-   profile's accumulators allow, at most MAX_CHANNELS (each is a weight broadcast per multiply-add row:
-   16 channels ran at 93-100 GFLOP/s against 136-143 for 8 on AVX-512), a divisor of the channel count
-   (8 x 32 on AVX-512; on AVX2 5 x 16 for 320 channels, 4 x 16 for 128).
+   profile's accumulators allow, at most MAX_CHANNELS (each channel is a weight broadcast per multiply-add
+   row, and more broadcasts than that cost more than the larger block saves), a divisor of the channel
+   count (8 x 32 on AVX-512; on AVX2 5 x 16 for 320 channels, 4 x 16 for 128).
 3. Parallel loops: where one image's input fits in L2, channel blocks outside rows, so each block's weights
-   stay in cache for every row (SD1.5's 1280-channel 16x16 convolutions: 143 GFLOP/s against 103 rows
-   first); otherwise rows outside channel blocks, so the input rows a row reads stay in cache while every
-   channel block passes them (320 channels at 64x64: 146 GFLOP/s against 32 channel blocks first, on the
-   AVX-512 Xeon; 95 against 26 under AVX2; benchmarks/kernel_speed.py).
+   stay in cache for every row (small, deep levels such as SD1.5's 1280 channels at 16x16); otherwise rows
+   outside channel blocks, so the input rows a row reads stay in cache while every channel block passes
+   them (large levels such as 320 channels at 64x64). benchmarks/kernel_speed.py times both orders.
 4. The padding block gets parallel leading loops.
 """
 

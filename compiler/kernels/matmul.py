@@ -6,18 +6,18 @@ Strategy:
 1. Inline the element-wise blocks around the matmul except the output (its epilogue); a matmul with a
    producer left (a transpose that would not inline) is declined.
 2. Register block: rows x columns, the columns as one or two vectors (a power of two: 40- or 80-wide
-   vectors ran at 10 GFLOP/s), rows unrolled, at most half the register file in accumulators. Among the
+   vectors are far slower), rows unrolled, at most half the register file in accumulators. Among the
    shapes that divide the matrix, the one with the most accumulators wins, wider on a tie (77 text tokens:
    7 rows x 32 columns on AVX-512, 7 x 8 on AVX2).
 3. Row chunks: the rows are cut into chunks whose slice of the left-hand matrix fits in half of L2, so it
    is read from memory once and from L2 for every column panel (without chunks the whole left-hand matrix
    streamed from memory once per panel). A chunk holds at least 128 rows even where that overflows L2:
-   each chunk packs the panels again (step 4), and 32-row chunks made AVX2 builds 1.6x slower at a
-   reduction of 2,560. The chunks, times the column panels, are the parallel loop.
+   each chunk packs the panels again (step 4), so small chunks pay the packing too often. The chunks,
+   times the column panels, are the parallel loop.
 4. Packed panels: for each (chunk, column panel) the right-hand matrix's panel is copied into a contiguous
    reduction x columns buffer first. Read in place, a panel's rows lie one matrix row apart; at 5,120 or
-   10,240 columns that is a multiple of 4 KiB, every row falls in the same L1 set, and the matmul ran at
-   45-55 GFLOP/s. Packed: 120-135 on AVX-512, 70-80 on AVX2 (benchmarks/kernel_speed.py).
+   10,240 columns that is a multiple of 4 KiB and every row falls in the same L1 set. Packed, the panel
+   is contiguous (benchmarks/kernel_speed.py times the kernel).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Any other kernel: its leading spatial loops in parallel (`ParallelFallback`, the last fallback rule).
 
-Without a schedule every TIR kernel is a naive single-threaded loop nest (the text encoder ran at
-0.9 GFLOP/s that way). This rule only fuses and parallelizes enough leading spatial loops of each loop
-nest to give every core several chunks; the loop order and the innermost loop, which LLVM vectorizes
-for the target's vector width, stay as they are.
+Without a schedule every TIR kernel is a naive single-threaded loop nest. This rule only fuses and
+parallelizes enough leading spatial loops of each loop nest to give every core several chunks; the loop
+order and the innermost loop, which LLVM vectorizes for the target's vector width, stay as they are.
 """
 
 from __future__ import annotations

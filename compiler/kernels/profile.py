@@ -2,7 +2,7 @@
 
 Every schedule in this package sizes its register blocks and cache tiles from this profile, never from
 one machine's numbers: a block of 16-lane accumulators that fits AVX-512's 32 registers spills on an
-AVX2 core (8 lanes, 16 registers), which made the attention kernel 3x slower on a Zen 3 than on a Zen 4.
+AVX2 core (8 lanes, 16 registers).
 The instruction set comes from the TVM target (LLVM's feature list for its `mcpu`/`mattr`), so an AVX2
 build made on an AVX-512 machine is scheduled for AVX2. Cache sizes are not part of a target: they are
 read from this machine when the target's CPU is this machine's, and are typical sizes otherwise.
@@ -45,8 +45,8 @@ class CpuProfile:
     @property
     def accumulators(self) -> int:
         """Vector accumulators one register block may hold: all registers but four, left for the operands being
-        loaded and broadcast, and at most 16 (measured with benchmarks/kernel_speed.py on a 3x3 convolution:
-        AVX2 with 12 accumulators 95 GFLOP/s against 88 with 8; AVX-512 with 16 106 against 83 with 8)."""
+        loaded and broadcast, and at most 16 (on a 3x3 convolution more accumulators ran faster, on AVX2 and
+        AVX-512 alike: benchmarks/HISTORY.md)."""
         return min(self.vector_registers - 4, 16)
 
     def describe(self) -> str:

@@ -18,7 +18,7 @@ two passes, rows then columns.
 Schedules (`WinogradTransformRule`; the 36 matmuls are the matmul rule's), vectors of the target's lanes:
 1. Weight transform: per output channel (in parallel), the 36 transformed values of one vector of input
    channels at a time, from their nine taps copied transposed into registers first (read in place, each
-   tap is a stride-9 gather: 53 ms against 22 ms for SD1.5's 1280x1280 weights).
+   tap would be a stride-9 gather).
 2. Input transform: per channel and row of tiles (in parallel), the row pass over the six input rows those
    tiles read, then the column pass with one vector of the row's tiles as lanes.
 3. Output transform with the convolution's epilogue: per image, output channel and row of tiles (in
@@ -155,8 +155,8 @@ def use_winograd(mod: Any, algorithm: str, weights_transformed_once: bool = Fals
     saves time (`auto`), or none (`direct`). Returns the module and how many convolutions were rewritten.
 
     `auto` weighs the weight transform: computed on every call, it costs more than Winograd saves below
-    AUTO_MIN_TILES tiles (SD1.5's 1280-channel convolutions at 8x8, batch 2, 8 tiles: 37 ms against 22 ms
-    direct, 31 ms of it the weight transform; at 16x16, 32 tiles: 48 against 68 ms). Computed once per
+    AUTO_MIN_TILES tiles (SD1.5's 1280-channel convolutions at 8x8 lose, at 16x16 they gain; the timings
+    are in benchmarks/HISTORY.md). Computed once per
     weight change (`weights_transformed_once`), it costs nothing per call and every fitting convolution
     gains.
     """
