@@ -84,7 +84,7 @@ def compile(model_name: str, weights: str, resolutions: tuple[str, ...], compone
         tune_tasks, tvm_target.kind.name, log=click.echo))
     names = components.split(",") if components else None
     if ray_address is not None:
-        from sdaot.compiler.ray_compile import RemoteBuild, compile_on_ray
+        from .ray_compile import RemoteBuild, compile_on_ray
 
         plan = plan_compile(load_weights(spec, weights), sizes, names, batches, tvm_target, root, controlnet, options,
                             log=click.echo)

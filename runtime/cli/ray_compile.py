@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdaot.runtime.errors import InvalidRequestError, SdaotError
+from sdaot.compiler.compile import CompileJob, CompilePlan, compile_job, compile_modules
+from sdaot.compiler.options import DEFAULT_BUILD, BuildOptions
+from sdaot.compiler.tuning import TuningOptions, merge_work_dirs, private_copy
 
-from .compile import CompileJob, CompilePlan, compile_job, compile_modules
-from .options import DEFAULT_BUILD, BuildOptions
-from .tuning import TuningOptions, merge_work_dirs, private_copy
+from ..errors import InvalidRequestError, SdaotError
 
 RETRIES = 1
 
@@ -56,9 +56,9 @@ def build_on_node(build: RemoteBuild, job: CompileJob, work_dir: str | None = No
 
     import tvm
 
-    from sdaot.runtime.loader import quiet_libraries
-    from sdaot.runtime.registry import get_model
-    from sdaot.runtime.weights import load_weights
+    from ..loader import quiet_libraries
+    from ..registry import get_model
+    from ..weights import load_weights
 
     quiet_libraries()
     start = time.perf_counter()
