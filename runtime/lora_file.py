@@ -128,7 +128,7 @@ def load_tensors(path: Path, header_only: bool) -> tuple[dict[str, torch.Tensor]
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except Exception as exc:  # safetensors raises assorted errors for files that are not safetensors
         raise InvalidRequestError(f"cannot read LoRA file {path.name}: not a readable safetensors file",
-                                  param="loras") from exc
+                                  param="loras", detail=f"{type(exc).__name__}: {exc}") from exc
     try:
         metadata = json.loads(raw) if raw else {}
     except json.JSONDecodeError as exc:
@@ -154,7 +154,8 @@ def read_lora(path: Path, is_sdxl: bool, header_only: bool = False) -> tuple[dic
     try:
         state = loader.lora_state_dict(dict(weights))[0]
     except Exception as exc:  # diffusers raises assorted errors for files it cannot interpret
-        raise InvalidRequestError(f"cannot read LoRA file {path.name}: {exc}", param="loras") from exc
+        raise InvalidRequestError(f"cannot read LoRA file {path.name}: diffusers' LoRA reader does not know its "
+                                  f"layout", param="loras", detail=f"{type(exc).__name__}: {exc}") from exc
     unet = {k: v for k, v in state.items() if k.startswith("unet.")}
     text = {k: v for k, v in state.items() if not k.startswith("unet.")}
     if any("_lora." in k or ".lora_linear_layer." in k for k in text):
