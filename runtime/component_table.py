@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .components import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule
+from .deepcache import DEFAULT_BRANCH, CachedUNetModule, ShallowUNetModule
 from .resolution import Resolution
 from .tokenizer import TEXT_ENCODER_TOKENIZERS
 
@@ -66,7 +67,8 @@ class ComponentSpec:
     ControlNet pair, built per request from the chosen ControlNet (`components.controlnet_modules`)."""
     tokenizer: str | None = None
     built_by_default: bool = True
-    """Whether `sdaot compile` builds it when no --components are named (the tiny decoder is built on request)."""
+    """Whether `sdaot compile` builds it when no --components are named (the tiny decoder and DeepCache's two
+    UNets, for `DEFAULT_BRANCH`, are built on request)."""
 
 
 def sdxl_time_ids(spec: ModelSpec, resolution: Resolution) -> tuple[list[float], list[float]]:
@@ -118,6 +120,13 @@ def _controlled_denoiser_inputs(bundle: ModelBundle, resolution: Resolution, bat
     return (*controlnet_args[:3], *controlnet_args[5:], *residuals)
 
 
+def _shallow_denoiser_inputs(bundle: ModelBundle, resolution: Resolution, batch: int, modules: Modules):
+    args = _denoiser_inputs(bundle, resolution, batch, modules)
+    with torch.inference_mode():
+        feature = modules["unet_cached"](*args)[1]
+    return (*args, feature)
+
+
 def _text_encoder(name: str) -> Callable[[ModelBundle], nn.Module | None]:
     def build(bundle: ModelBundle) -> nn.Module | None:
         encoder = bundle.text_encoders.get(name)
@@ -128,6 +137,10 @@ def _text_encoder(name: str) -> Callable[[ModelBundle], nn.Module | None]:
 
 COMPONENTS: dict[str, ComponentSpec] = {spec.name: spec for spec in (
     ComponentSpec("unet", False, BatchRule.GUIDED, _denoiser_inputs, lambda b: UNetModule(b.unet)),
+    ComponentSpec("unet_cached", False, BatchRule.GUIDED, _denoiser_inputs,
+                  lambda b: CachedUNetModule(b.unet, DEFAULT_BRANCH), built_by_default=False),
+    ComponentSpec("unet_shallow", False, BatchRule.GUIDED, _shallow_denoiser_inputs,
+                  lambda b: ShallowUNetModule(b.unet, DEFAULT_BRANCH), built_by_default=False),
     ComponentSpec("vae_decoder", False, BatchRule.IMAGES, _latents, lambda b: VaeDecoderModule(b.vae)),
     ComponentSpec("vae_decoder_tiny", False, BatchRule.IMAGES, _latents,
                   lambda b: None if b.tiny_vae is None else VaeDecoderModule(b.tiny_vae), built_by_default=False),

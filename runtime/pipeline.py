@@ -26,6 +26,7 @@ from PIL import Image
 from .component_table import COMPONENTS, component_modules, sdxl_time_ids
 from .components import Component, TorchComponent, controlnet_modules
 from .controlnet import load_controlnet, preprocess_control_image
+from .deepcache import DEFAULT_BRANCH, check_branch, deepcache_modules, is_full_step
 from .errors import InvalidRequestError
 from .lora import LoraMerger
 from .planning import Plan, Planner
@@ -55,6 +56,8 @@ class Run:
     generators: list[torch.Generator]
     progress: Progress | None = None
     used: dict[str, str] = field(default_factory=dict)
+    deep_feature: torch.Tensor | None = None
+    """Under DeepCache, the deep feature of the last full UNet step, which the shallow steps reuse."""
 
     def call(self, name: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run network `name` on its chosen backend, noting that backend."""
@@ -92,6 +95,7 @@ class Pipeline:
         self.control_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE, do_convert_rgb=True,
                                                    do_normalize=False)
         self._controlnets: dict[str, dict[str, TorchComponent]] = {}
+        self._deepcache: dict[int, dict[str, TorchComponent]] = {}
         self.image_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE)
         self.scaling_factor = bundle.vae.config.scaling_factor
 
@@ -100,6 +104,7 @@ class Pipeline:
         """Validate the request against this model and fill in defaults; raises InvalidRequestError."""
         plan = self.planner.plan(req)
         self.check_decoder(plan)
+        self.check_deepcache(plan)
         return plan
 
     def check_decoder(self, plan: Plan) -> None:
@@ -110,6 +115,24 @@ class Pipeline:
             raise InvalidRequestError(
                 f"{decoding.spec.name} has no tiny decoder: put diffusers AutoencoderTiny weights (TAESD, or TAESDXL "
                 f"for SDXL models) in DIR/{decoding.spec.family}/ and start with --tiny-vae-dir DIR", param="vae")
+
+    def check_deepcache(self, plan: Plan) -> None:
+        """Refuse DeepCache where it cannot run as asked: beside a ControlNet (whose residuals feed the deep layers
+        it skips), on a branch the UNet lacks, or on a branch other than the compiled one (`DEFAULT_BRANCH`) while
+        a compiled backend is demanded (`auto` runs the other branches on torch)."""
+        req = plan.request
+        if not req.deepcache_interval:
+            return
+        if self.spec.default_controlnet:
+            raise InvalidRequestError(f"{self.spec.name} runs a ControlNet, which DeepCache does not combine with",
+                                      param="deepcache_interval")
+        check_branch(self.bundle.unet, req.deepcache_branch, self.spec.name)
+        if req.enable_refiner and self.refiner is not None:
+            check_branch(self.refiner.bundle.unet, req.deepcache_branch, self.refiner.spec.name)
+        if req.deepcache_branch != DEFAULT_BRANCH and req.backend in ("tvm", "onnxruntime"):
+            raise InvalidRequestError(
+                f"compiled shallow UNets are built for DeepCache branch {DEFAULT_BRANCH}; branch "
+                f"{req.deepcache_branch} runs with backend auto or torch", param="deepcache_branch")
 
     def compiled_resolutions(self) -> list[str]:
         """Resolutions with a compiled UNet for this pipeline's device, as WIDTHxHEIGHT."""
@@ -129,6 +152,9 @@ class Pipeline:
         if plan.controlnet and self.spec.default_controlnet:
             extra = self.controlnet_components(plan.controlnet)
             names += ["controlnet", "unet_controlnet"]
+        elif plan.request.deepcache_interval:
+            extra = self.deepcache_components(plan.request.deepcache_branch)
+            names += list(extra)
         else:
             names.append("unet")
         names.append(self.decoder(plan))
@@ -136,7 +162,11 @@ class Pipeline:
             names.append("vae_encoder")
         needs = {name: (None if COMPONENTS[name].size_free else plan.resolution,
                         COMPONENTS[name].batch.rows(len(plan.seeds), plan.do_cfg)) for name in names}
-        return self.selector.select(plan.request.backend, needs, extra)
+        deep = {}
+        if plan.request.deepcache_interval and plan.request.deepcache_branch != DEFAULT_BRANCH:
+            # Compiled shallow UNets are DEFAULT_BRANCH's: another branch runs its two UNets on torch.
+            deep = self.selector.select("torch", {name: needs.pop(name) for name in extra}, extra)
+        return deep | self.selector.select(plan.request.backend, needs, extra)
 
     def controlnet_components(self, name: str) -> dict[str, TorchComponent]:
         """Torch components of ControlNet `name` and of the UNet taking its residuals (loaded on first use)."""
@@ -145,6 +175,13 @@ class Pipeline:
             modules = controlnet_modules(self.bundle, controlnet)
             self._controlnets[name] = {n: TorchComponent(n, m) for n, m in modules.items()}
         return self._controlnets[name]
+
+    def deepcache_components(self, branch: int) -> dict[str, TorchComponent]:
+        """Torch components of DeepCache's full and shallow UNets for `branch` (made on first use)."""
+        if branch not in self._deepcache:
+            modules = deepcache_modules(self.bundle.unet, branch)
+            self._deepcache[branch] = {n: TorchComponent(n, m) for n, m in modules.items()}
+        return self._deepcache[branch]
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest | Plan, progress: Progress | None = None,
@@ -159,6 +196,7 @@ class Pipeline:
         if isinstance(request, Plan):
             plan = request
             self.check_decoder(plan)
+            self.check_deepcache(plan)
         else:
             plan = self.plan(request)
         with self._model_lock(stop):
@@ -324,7 +362,7 @@ class Pipeline:
         t_batch = t.to(torch.float32).expand(model_in.shape[0])
         args = [cond[k] for k in self.torch_components["unet"].input_names[2:]]
         if control is None:
-            noise_pred = run.call("unet", model_in, t_batch, *args)[0]
+            noise_pred = self.unet_noise(run, step[0], model_in, t_batch, args)
         else:
             i, count = step
             keep = 1.0 - float(i / count < req.control_guidance_start or (i + 1) / count > req.control_guidance_end)
@@ -335,6 +373,18 @@ class Pipeline:
             return noise_pred
         uncond, text = noise_pred.chunk(2)
         return uncond + plan.cfg_scale * (text - uncond)
+
+    def unet_noise(self, run: Run, index: int, model_in: torch.Tensor, t_batch: torch.Tensor,
+                   args: list[torch.Tensor]) -> torch.Tensor:
+        """The UNet's noise prediction at step `index`; under DeepCache the full UNet runs every
+        `deepcache_interval`-th step and keeps its deep feature in the run, the shallow UNet reuses it between."""
+        interval = run.plan.request.deepcache_interval
+        if not interval:
+            return run.call("unet", model_in, t_batch, *args)[0]
+        if is_full_step(index, interval):
+            noise_pred, run.deep_feature = run.call("unet_cached", model_in, t_batch, *args)
+            return noise_pred
+        return run.call("unet_shallow", model_in, t_batch, *args, run.deep_feature)[0]
 
     def _control_image(self, plan: Plan) -> torch.Tensor:
         """The control map as diffusers' ControlNet pipelines prepare it: [0, 1], one per UNet batch row."""

@@ -16,6 +16,10 @@ Backend = Literal["auto", "tvm", "torch", "onnxruntime"]
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_SEED = 2**32 - 1
 MAX_IMAGES = 4
+MAX_STEPS = 150
+MAX_DEEPCACHE_BRANCH = 11
+"""DeepCache numbers 3 branches per UNet down block; the largest UNets here have 4 (the model's own limit is
+checked against its weights)."""
 
 
 class RequestFields(BaseModel):
@@ -33,7 +37,7 @@ class RequestFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     cfg_scale: float | None = Field(default=None, ge=0.0, le=30.0)
     sampler: str | None = None
-    steps: int | None = Field(default=None, ge=1, le=150)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     style_preset: str | None = None
     enable_refiner: bool = False
     refiner_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -45,6 +49,11 @@ class RequestFields(BaseModel):
     loras: dict[str, float] | None = None
     vae: Literal["full", "tiny"] = Field(default="full", description="Decoder: the model's VAE, or the tiny "
                                          "TAESD/TAESDXL one (much faster, a little less detail)")
+    deepcache_interval: int = Field(default=0, ge=0, le=MAX_STEPS, description="DeepCache: the full UNet runs every "
+                                    "N-th step, a shallow UNet reusing its deep features the others (0: off)")
+    deepcache_branch: int = Field(default=0, ge=0, le=MAX_DEEPCACHE_BRANCH, description="DeepCache's "
+                                  "cache_branch_id: the skip connection the shallow UNet stops at (3 per down block; "
+                                  "0 is the shallowest and fastest)")
 
 
 class GenerationRequest(RequestFields):

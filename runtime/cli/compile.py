@@ -21,8 +21,8 @@ from ..resolution import Resolution
 @click.option("--resolution", "resolutions", multiple=True,
               help="WIDTHxHEIGHT, repeatable; default: the model's tvm resolutions (`sdaot models --json`).")
 @click.option("--components", default=None,
-              help="Comma-separated, e.g. unet,vae_decoder (default: all but vae_decoder_tiny, built when named; "
-                   "its weights: SDAOT_TINY_VAE_DIR).")
+              help="Comma-separated, e.g. unet,vae_decoder (default: all but vae_decoder_tiny, built when named, "
+                   "its weights: SDAOT_TINY_VAE_DIR; and DeepCache's unet_cached,unet_shallow, for branch 0).")
 @click.option("--batch", default=None, help="UNet batch sizes, e.g. 1,2 (default: 2 for CFG models, 1 for turbo).")
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | a TVM JSON target dict.")
 @click.option("--controlnet", default=None,

@@ -80,6 +80,10 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--vae", type=click.Choice(["full", "tiny"]), default=None,
               help="Decoder: the model's VAE (default) or the tiny TAESD/TAESDXL one.")
 @click.option("--tiny-vae-dir", type=click.Path(path_type=Path), default=None, help=TINY_VAE_DIR_HELP)
+@click.option("--deepcache-interval", type=int, default=None,
+              help="DeepCache: the full UNet every N-th step, a shallow one reusing its deep features between (0: off)")
+@click.option("--deepcache-branch", type=int, default=None,
+              help="DeepCache's cache_branch_id: where the shallow UNet turns (0, the default, is the shallowest).")
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG, JPEG or WebP by extension.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def generate(model_name: str, weights: str, refiner_weights: str | None, image_path: str | None, output: str,
