@@ -62,17 +62,18 @@ class LoraFile:
                 "updates_with_alpha": with_alpha, "updates_at_rank": len(self.deltas) - with_alpha}
 
 
-def validate_loras(folder: Path | None, loras: dict[str, float]) -> dict[str, float]:
-    """Canonical names and checked weights; unknown names list the available ones."""
+def validate_loras(folder: Path | None, loras: dict[str, float], param: str = "loras") -> dict[str, float]:
+    """Canonical names and checked weights; unknown names list the available ones. Errors name `param`, the
+    field the names came from (`loras`, or a prompt with <lora:...> tags)."""
     known = {n.lower(): n for n in available_loras(folder)}
     checked = {}
     for name, weight in loras.items():
         if name.lower() not in known:
             where = folder or "the LoRA dir (--lora-dir / SDAOT_LORA_DIR)"
             offered = ", ".join(known.values()) or f"none (no .safetensors files in {where})"
-            raise InvalidRequestError(f"unknown LoRA {name!r}; available: {offered}", param="loras")
+            raise InvalidRequestError(f"unknown LoRA {name!r}; available: {offered}", param=param)
         if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
-            raise InvalidRequestError(f"LoRA {name!r} weight {weight} is outside [-4, 4]", param="loras")
+            raise InvalidRequestError(f"LoRA {name!r} weight {weight} is outside [-4, 4]", param=param)
         checked[known[name.lower()]] = float(weight)
     return checked
 

@@ -30,6 +30,7 @@ from .deepcache import DEFAULT_BRANCH, check_branch, deepcache_modules, is_full_
 from .errors import InvalidRequestError
 from .lora import LoraMerger
 from .planning import Plan, Planner
+from .prompt_chunks import PromptChunk, emphasized, padded, plain_chunk, prompt_chunks
 from .registry import ModelSpec
 from .request import GenerationRequest
 from .resolution import VAE_SCALE
@@ -40,6 +41,8 @@ from .weights import ModelBundle
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 LOCK_POLL_S = 0.05
+TEXT_TAKERS = ("unet", "controlnet", "unet_controlnet", "unet_cached", "unet_shallow")
+"""The networks that read the text's hidden states, exported for 77 tokens of it when compiled."""
 
 
 class Cancelled(Exception):
@@ -166,7 +169,12 @@ class Pipeline:
         if plan.request.deepcache_interval and plan.request.deepcache_branch != DEFAULT_BRANCH:
             # Compiled shallow UNets are DEFAULT_BRANCH's: another branch runs its two UNets on torch.
             deep = self.selector.select("torch", {name: needs.pop(name) for name in extra}, extra)
-        return deep | self.selector.select(plan.request.backend, needs, extra)
+        if plan.prompt_chunks == 1:
+            return deep | self.selector.select(plan.request.backend, needs, extra)
+        # A prompt of several chunks: only torch takes its 77 * chunks tokens (the planner refused tvm/onnxruntime).
+        on_torch = {name: need for name, need in needs.items() if name in TEXT_TAKERS}
+        rest = {name: need for name, need in needs.items() if name not in TEXT_TAKERS}
+        return deep | self.selector.select("torch", on_torch, extra) | self.selector.select(plan.request.backend, rest)
 
     def controlnet_components(self, name: str) -> dict[str, TorchComponent]:
         """Torch components of ControlNet `name` and of the UNet taking its residuals (loaded on first use)."""
@@ -258,22 +266,28 @@ class Pipeline:
         plan = run.plan
         n = len(plan.seeds)
         if not self.spec.is_sdxl:
-            embeds = run.call("text_encoder", self._tokenize("text_encoder", plan.prompt))[0]
-            if plan.do_cfg:
-                neg = run.call("text_encoder", self._tokenize("text_encoder", plan.negative_prompt or ""))[0]
+            texts = [plan.prompt, *([plan.negative_prompt or ""] if plan.do_cfg else [])]
+            (embeds, _), *negative = self._encode(run, [("text_encoder", text) for text in texts])
+            if negative:
+                neg = negative[0][0]
                 return {"encoder_hidden_states": torch.cat([neg.repeat(n, 1, 1), embeds.repeat(n, 1, 1)])}
             return {"encoder_hidden_states": embeds.repeat(n, 1, 1)}
 
         encoders = self.spec.text_encoders
         prompts = [plan.prompt, plan.prompt_2 or plan.prompt][: len(encoders)]
-        embeds, pooled = self._encode_sdxl(run, prompts)
+        zeros = plan.negative_prompt is None and self.spec.force_zeros_for_empty_prompt
+        negatives: list[str] = []
+        if plan.do_cfg and not zeros:
+            negative = plan.negative_prompt or ""
+            negatives = [negative, plan.negative_prompt_2 or negative][: len(encoders)]
+        encoded = self._encode(run, [*zip(encoders, prompts, strict=True),
+                                    *zip(encoders[: len(negatives)], negatives, strict=True)])
+        embeds, pooled = _joined(encoded[: len(encoders)])
         if plan.do_cfg:
-            if plan.negative_prompt is None and self.spec.force_zeros_for_empty_prompt:
+            if zeros:
                 neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
             else:
-                negative = plan.negative_prompt or ""
-                negatives = [negative, plan.negative_prompt_2 or negative][: len(encoders)]
-                neg, neg_pooled = self._encode_sdxl(run, negatives)
+                neg, neg_pooled = _joined(encoded[len(encoders):])
         time_ids, neg_time_ids = (torch.tensor([ids], device=self.device)
                                   for ids in sdxl_time_ids(self.spec, plan.resolution))
         cond = {
@@ -287,17 +301,26 @@ class Pipeline:
             cond["time_ids"] = torch.cat([neg_time_ids.repeat(n, 1), cond["time_ids"]])
         return cond
 
-    def _tokenize(self, encoder: str, text: str) -> torch.Tensor:
-        tok = self.bundle.tokenizers[COMPONENTS[encoder].tokenizer]
-        return tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.device)
+    def _encode(self, run: Run, texts: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(hidden states, pooled) of each (encoder, text), as A1111 reads prompts unless the request asks for
+        `prompt_syntax: plain`: one fixed (1, 77) encoder call per chunk, each chunk's hidden states weighted,
+        the chunks joined along the sequence axis and every text padded to the same number of chunks; the
+        pooled output is the first chunk's. SD1.x/2.x read the final-norm layer, SDXL the penultimate one."""
+        tokenizers = [self.bundle.tokenizers[COMPONENTS[encoder].tokenizer] for encoder, _ in texts]
+        plain = run.plan.request.prompt_syntax == "plain"
+        chunked = [[plain_chunk(tok, text)] if plain else prompt_chunks(tok, text)
+                   for tok, (_, text) in zip(tokenizers, texts, strict=True)]
+        count = max(map(len, chunked))
+        layer = 1 if self.spec.is_sdxl else 0
+        encoded = []
+        for tok, (encoder, _), chunks in zip(tokenizers, texts, chunked, strict=True):
+            outputs = [(chunk, run.call(encoder, self._ids(chunk))) for chunk in padded(tok, chunks, count)]
+            hidden = [emphasized(out[layer], chunk.weights) if chunk.weighted else out[layer] for chunk, out in outputs]
+            encoded.append((torch.cat(hidden, dim=1), outputs[0][1][2]))
+        return encoded
 
-    def _encode_sdxl(self, run: Run, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = [], None
-        for text, encoder in zip(prompts, self.spec.text_encoders, strict=True):
-            _, penultimate, pooled = run.call(encoder, self._tokenize(encoder, text))
-            hidden.append(penultimate)
-        return torch.cat(hidden, dim=-1), pooled
+    def _ids(self, chunk: PromptChunk) -> torch.Tensor:
+        return torch.tensor([chunk.ids], dtype=torch.int64, device=self.device)
 
     def timesteps(self, plan: Plan, scheduler, start: float | None = None) -> torch.Tensor:
         """The timesteps to run: from `start` (a fraction of the schedule, for the refiner), or the last
@@ -403,6 +426,11 @@ class Pipeline:
         vae = self.bundle.tiny_vae if name == "vae_decoder_tiny" else self.bundle.vae
         image = run.call(name, latents / vae.config.scaling_factor)[0]
         return self.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+def _joined(encoded: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning from its encoders' outputs: hidden states side by side, the last encoder's pooled."""
+    return torch.cat([hidden for hidden, _ in encoded], dim=-1), encoded[-1][1]
 
 
 def _until(scheduler, timesteps: torch.Tensor, end: float | None) -> torch.Tensor:

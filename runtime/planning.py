@@ -17,6 +17,8 @@ from .controlnet import get_controlnet_name
 from .errors import InvalidRequestError
 from .lora import validate_loras
 from .presets import apply_preset
+from .prompt_chunks import chunk_count
+from .prompt_syntax import lora_tags
 from .registry import ModelSpec
 from .request import MAX_SEED, GenerationRequest
 from .resolution import VAE_SCALE, Resolution
@@ -39,6 +41,9 @@ class Plan:
     negative_prompt_2: str | None
     loras: dict[str, float] = field(default_factory=dict)
     controlnet: str | None = None
+    prompt_chunks: int = 1
+    """77-token chunks the prompts take (A1111 syntax: past 75 tokens, or BREAK); above 1 no compiled denoiser
+    fits, since they are exported for 77 tokens of text."""
 
     @property
     def height(self) -> int:
@@ -99,9 +104,55 @@ class Planner:
         prompt_2 = req.prompt_2
         if req.style_preset and prompt_2 is not None:
             prompt_2, _ = apply_preset(req.style_preset, prompt_2, None)
+        texts = {"prompt": prompt, "negative_prompt": negative, "prompt_2": prompt_2,
+                 "negative_prompt_2": req.negative_prompt_2}
+        loras = validate_loras(self.lora_folder, req.loras or {})
+        chunks = 1
+        if req.prompt_syntax == "a1111":
+            texts, loras = self._lora_tags(texts, loras)
+            chunks = self._chunks(texts, req.backend)
         return Plan(req, resolution, steps, req.cfg_scale if req.cfg_scale is not None else spec.default_cfg_scale,
-                    sampler, seeds, prompt, negative, prompt_2, req.negative_prompt_2,
-                    validate_loras(self.lora_folder, req.loras or {}), controlnet)
+                    sampler, seeds, texts["prompt"], texts["negative_prompt"], texts["prompt_2"],
+                    texts["negative_prompt_2"], loras, controlnet, chunks)
+
+    def _lora_tags(self, texts: dict[str, str | None],
+                   loras: dict[str, float]) -> tuple[dict[str, str | None], dict[str, float]]:
+        """The prompts without their <lora:name:weight> tags, and the tagged LoRAs added to `loras` (a LoRA both
+        tagged and in the field gets both weights, as a second tag would). Errors name the prompt at fault."""
+        stripped: dict[str, str | None] = {}
+        merged = dict(loras)
+        for param, text in texts.items():
+            stripped[param] = text
+            if text is None:
+                continue
+            try:
+                stripped[param], tagged = lora_tags(text)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param=param) from exc
+            for name, weight in validate_loras(self.lora_folder, tagged, param=param).items():
+                merged[name] = merged.get(name, 0.0) + weight
+        if merged == loras:
+            return stripped, loras
+        return stripped, validate_loras(self.lora_folder, merged, param="prompt")
+
+    @staticmethod
+    def _chunks(texts: dict[str, str | None], backend: str) -> int:
+        """The most 77-token chunks any prompt takes. Beyond one, the UNet gets 77 * chunks tokens of text, which
+        only torch takes (compiled UNets are exported for 77): `auto` runs the denoiser on torch, an explicit
+        compiled backend is refused here, naming the prompt, before any work is queued."""
+        counts = {}
+        for param, text in texts.items():
+            try:
+                counts[param] = chunk_count(text or "")
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param=param) from exc
+        longest = max(counts, key=counts.__getitem__)
+        if counts[longest] > 1 and backend in ("tvm", "onnxruntime"):
+            raise InvalidRequestError(
+                f"{longest} takes {counts[longest]} chunks of 75 tokens (it is longer than 75 tokens or has BREAK), "
+                f"and compiled {backend} UNets take 77 tokens of text: use backend auto or torch, shorten it, or "
+                "send prompt_syntax plain to cut it at 77 tokens", param=longest)
+        return counts[longest]
 
     def _size(self, req: GenerationRequest) -> Resolution:
         """The requested size; a side left out comes from the img2img source image, else the model's native size."""

@@ -47,6 +47,9 @@ class RequestFields(BaseModel):
     control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
     control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
     loras: dict[str, float] | None = None
+    prompt_syntax: Literal["a1111", "plain"] = Field(
+        default="a1111", description="a1111: AUTOMATIC1111's (word:1.3), [word], BREAK, <lora:name:weight> and "
+        "prompts past 77 tokens in chunks; plain: the text as it is, cut at 77 tokens")
     vae: Literal["full", "tiny"] = Field(default="full", description="Decoder: the model's VAE, or the tiny "
                                          "TAESD/TAESDXL one (much faster, a little less detail)")
     deepcache_interval: int = Field(default=0, ge=0, le=MAX_STEPS, description="DeepCache: the full UNet runs every "

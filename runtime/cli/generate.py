@@ -77,6 +77,9 @@ def _output_paths(output: str, count: int) -> list[Path]:
 @click.option("--lora", "lora_specs", multiple=True, help="NAME=WEIGHT, repeatable (LoRA files in --lora-dir).")
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None, help=LORA_DIR_HELP)
 @click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None, help=CONTROLNET_DIR_HELP)
+@click.option("--prompt-syntax", type=click.Choice(["a1111", "plain"]), default=None,
+              help="a1111 (default): (word:1.3), [word], BREAK, <lora:name:weight>, prompts past 77 tokens; "
+                   "plain: the text as it is, cut at 77 tokens.")
 @click.option("--vae", type=click.Choice(["full", "tiny"]), default=None,
               help="Decoder: the model's VAE (default) or the tiny TAESD/TAESDXL one.")
 @click.option("--tiny-vae-dir", type=click.Path(path_type=Path), default=None, help=TINY_VAE_DIR_HELP)
