@@ -171,9 +171,9 @@ def test_a_finished_job_keeps_only_its_encoded_answer(pipe):
     server = Server(ServerConfig(models=["SD1.5"]))
     plan = pipe.plan(parse_request({"model_name": "SD1.5", "prompt": "a cube", "height": 64, "width": 64,
                                     "steps": 2, "image": _gray_image()}))
-    job = server.queue.submit_job(pipe, plan, "owner")
+    job = server.queue.submit_job(pipe, plan, "owner", server.delivery())
     job.future.result(timeout=300)
-    assert job.status == "succeeded" and job.answer["images"][0]["image"] and job.answer_bytes > 0
+    assert job.status == "succeeded" and job.answer.images[0].image and job.answer_bytes > 0
     assert job.result is None and job.plan is None, "a finished job holds its images or decoded inputs"
     server.queue.shutdown()
 

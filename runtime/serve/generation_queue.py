@@ -1,12 +1,16 @@
 """The one place where generation work is admitted, queued, run, timed, cancelled and counted.
 
-The synchronous route and the jobs API both hand a planned request to `GenerationQueue.submit` and get a
-`Job` back: its status, step progress, result or error, and a cancel switch that the worker checks between
-steps. Synchronous work takes a slot of the bounded worker pool (`Admission`: a slot is free only when the
-worker has really finished) and is not listed; jobs are listed under their owner, bounded in number while
-unfinished (in all and per owner), and kept after they finish for a set time, count and size per owner, so
-that one key's work never evicts another's. A finished generation keeps only its encoded answer (made on the
-worker thread, never on the event loop): its images and the request's decoded input images are dropped.
+The synchronous route and the jobs API both hand a planned request to `GenerationQueue.run_now` or
+`submit_job` and get a `Job` back: its status, step progress, result or error, and a cancel switch that the
+worker checks between steps. Synchronous work takes a slot of the bounded worker pool (`Admission`: a slot
+is free only when the worker has really finished) and is not listed; jobs are listed under their owner,
+bounded in number while unfinished (in all and per owner), and kept after they finish for a set time, count
+and size per owner, so that one key's work never evicts another's. A finished generation keeps only its
+encoded answer (made on the worker thread, never on the event loop): its images and the request's decoded
+input images are dropped.
+
+The queue knows nothing of HTTP: what an answer looks like and who hears of a job's end are the submitter's
+(`Delivery`), so the same queue serves the HTTP routes and a Ray replica (which keeps the raw result).
 """
 
 from __future__ import annotations
@@ -21,17 +25,46 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Protocol
 
 from ..errors import BusyError, SdaotError
 from ..pipeline import Cancelled, GenerationResult, Pipeline, Plan
 from .admission import Admission
-from .protocol import error_content, error_shape
+from .protocol import JobStatus
 
 log = logging.getLogger("sdaot.queue")
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINISHED: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
+FINISHED: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 BUSY_RETRY_S = 1.0
+
+
+class InternalError(SdaotError):
+    """A generation failed for a reason that is not the client's; the details are in the log, under the id that
+    the message names."""
+
+    error_type = "api_error"
+
+
+class Encoded(Protocol):
+    """A succeeded job's answer as its submitter encoded it; the queue needs only its size (the byte budget)."""
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes it holds."""
+        ...
+
+
+class Delivery(Protocol):
+    """What the submitter of a job does with its outcome: `encode` makes, on the worker thread, the answer the
+    job keeps instead of its images; `finished` hears once that the job has ended, on the thread that ended it
+    (a worker, or a cancel of a job still waiting), so it must not block."""
+
+    def encode(self, job: Job, result: GenerationResult) -> Encoded:
+        """The answer of the job's succeeded generation."""
+        ...
+
+    def finished(self, job: Job) -> None:
+        """The job has ended: succeeded, failed or cancelled."""
+        ...
 
 
 @dataclass
@@ -39,8 +72,9 @@ class Job:
     """One planned request on its way through the queue; the worker thread updates it, the routes read it.
 
     `step_log` holds (step, steps, elapsed s, ETA s) per finished sampler step, for the events stream;
-    `result` the generation's images until they are encoded into `answer` (`answer_bytes` long), which every
-    later read returns as it is; `plan` is dropped when the job ends (it holds the decoded input images);
+    `result` the generation's images until its `delivery` encodes them into `answer`, which every later read
+    returns as it is (without a delivery `result` stays); `plan` is dropped once the answer is encoded (it holds
+    the decoded input images); `error` is the failure as a client may see it (its details logged);
     `waits_when_busy` whether it waits for a busy pipeline (jobs) or fails with 429 (synchronous requests);
     `version` counts changes (a step, a new status), which `notify` tells the events streams about."""
 
@@ -49,7 +83,7 @@ class Job:
     pipe: Pipeline
     plan: Plan | None
     created: float = field(default_factory=time.time)
-    status: Status = "queued"
+    status: JobStatus = "queued"
     step: int = 0
     steps: int = 0
     started: float | None = None
@@ -57,11 +91,9 @@ class Job:
     step_times: list[float] = field(default_factory=list)
     step_log: list[tuple[int, int, float, float | None]] = field(default_factory=list)
     result: GenerationResult | None = None
-    answer: dict[str, Any] | None = None
-    answer_bytes: int = 0
-    error: dict[str, Any] | None = None
-    webhook_url: str | None = None
-    output_format: str = "png"
+    answer: Encoded | None = None
+    error: SdaotError | None = None
+    delivery: Delivery | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future | None = None
     waits_when_busy: bool = False
@@ -96,6 +128,11 @@ class Job:
                 self._waiters = [w for w in self._waiters if w[1] is not event]
 
     @property
+    def answer_bytes(self) -> int:
+        """The size of the encoded answer (0 until there is one)."""
+        return self.answer.nbytes if self.answer is not None else 0
+
+    @property
     def done(self) -> bool:
         """Whether the job has ended, one way or another."""
         return self.status in FINISHED
@@ -124,39 +161,32 @@ class GenerationQueue:
 
     def __init__(self, workers: int, queue_size: int, max_queued_jobs: int, keep_finished_s: float,
                  keep_finished: int, on_depth: Callable[[int], None] = lambda _: None,
-                 on_step: Callable[[str, float], None] = lambda *_: None,
-                 on_finished: Callable[[Job], None] = lambda _: None, max_jobs_per_key: int | None = None,
-                 keep_finished_bytes: int | None = None,
-                 encode: Callable[[Job, GenerationResult], dict[str, Any]] | None = None) -> None:
+                 on_step: Callable[[str, float], None] = lambda *_: None, max_jobs_per_key: int | None = None,
+                 keep_finished_bytes: int | None = None) -> None:
         """`keep_finished` and `keep_finished_bytes` bound each owner's finished jobs, `max_jobs_per_key` each
-        owner's unfinished ones (None: no bound beyond the queue's); `encode` makes a succeeded job's answer on
-        its worker thread (without it the job keeps its GenerationResult, as a Ray replica's queue does)."""
+        owner's unfinished ones (None: no bound beyond the queue's)."""
         self.admission = Admission(workers, queue_size, on_change=on_depth)
         self.jobs_capacity = workers + max_queued_jobs
         self.keep_finished_s = keep_finished_s
         self.keep_finished = keep_finished
         self.keep_finished_bytes = keep_finished_bytes
         self.max_jobs_per_key = max_jobs_per_key
-        self._encode = encode
         self._on_step = on_step
-        self._on_finished = on_finished
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
     # ---- submitting ----------------------------------------------------------------------------
-    def run_now(self, pipe: Pipeline, plan: Plan, owner: str, output_format: str = "png") -> Job | None:
+    def run_now(self, pipe: Pipeline, plan: Plan, owner: str, delivery: Delivery | None = None) -> Job | None:
         """Admit a synchronous request (not listed as a job); None when every worker and queue slot is taken."""
-        job = Job(secrets.token_hex(8), owner, pipe, plan, output_format=output_format)
+        job = Job(secrets.token_hex(8), owner, pipe, plan, delivery=delivery)
         job.future = self.admission.submit(self._run, job)
         return job if job.future is not None else None
 
-    def submit_job(self, pipe: Pipeline, plan: Plan, owner: str, webhook_url: str | None = None,
-                   output_format: str = "png") -> Job | None:
+    def submit_job(self, pipe: Pipeline, plan: Plan, owner: str, delivery: Delivery | None = None) -> Job | None:
         """Queue a job listed under `owner`; None when the maximum of unfinished work is reached, BusyError when
         `owner` has `max_jobs_per_key` unfinished jobs already. Jobs may wait in a longer queue than synchronous
         requests, which then get 429 until the jobs ahead have run."""
-        job = Job("job_" + secrets.token_hex(12), owner, pipe, plan, webhook_url=webhook_url,
-                  output_format=output_format, waits_when_busy=True)
+        job = Job("job_" + secrets.token_hex(12), owner, pipe, plan, delivery=delivery, waits_when_busy=True)
         with self._lock:
             self._expire()
             mine = sum(1 for j in self._jobs.values() if j.owner == owner and not j.done)
@@ -194,7 +224,7 @@ class GenerationQueue:
             self._finish(job, "cancelled")
 
     async def outcome(self, job: Job, timeout_s: float) -> None:
-        """Wait for the job to end (its answer is then in `answer`, or in `result` without `encode`); past
+        """Wait for the job to end (its answer is then in `answer`, or in `result` without a delivery); past
         `timeout_s` the job is cancelled and TimeoutError raised (its worker slot stays taken until the work has
         really stopped). A job cancelled meanwhile raises
         Cancelled; if the awaiting coroutine is cancelled instead (the server drops a request whose client
@@ -233,19 +263,18 @@ class GenerationQueue:
 
         try:
             result = self._generate(job, progress)
-            if self._encode is not None:
-                job.answer = self._encode(job, result)
-                job.answer_bytes = sum(len(image["image"]) for image in job.answer.get("images", ()))
+            if job.delivery is not None:
+                job.answer = job.delivery.encode(job, result)
         except Cancelled:
             self._finish(job, "cancelled")
             raise
         except SdaotError as exc:
-            self._finish(job, "failed", error=error_shape(exc.reported(job.id)))
+            self._finish(job, "failed", error=exc.reported(job.id))
             raise
         except Exception:
             log.exception("generation %s failed", job.id)
-            self._finish(job, "failed", error=error_content(
-                500, f"internal error (details in the server log under request id {job.id})"))
+            self._finish(job, "failed", error=InternalError(
+                f"internal error (details in the server log under request id {job.id})"))
             raise
         job.result = result
         backend = result.backends.get("unet") or result.backends.get("unet_controlnet", "unknown")
@@ -270,7 +299,7 @@ class GenerationQueue:
             job.status = "running"
             job.notify()
 
-    def _finish(self, job: Job, status: Status, error: dict[str, Any] | None = None) -> None:
+    def _finish(self, job: Job, status: JobStatus, error: SdaotError | None = None) -> None:
         if job.done:
             return
         if job.result is not None:
@@ -279,13 +308,14 @@ class GenerationQueue:
                      ", ".join(f"{k}={v}" for k, v in job.result.backends.items()))
         else:
             log.info("%s %s after %d of %d steps", status, job.id, job.step, job.steps)
-        if self._encode is not None:
+        if job.delivery is not None:
             job.result, job.plan = None, None  # the answer is encoded: images and decoded inputs go
         job.status, job.error, job.finished = status, error, time.time()
         job.notify()
         with self._lock:
             self._expire()
-        self._on_finished(job)
+        if job.delivery is not None:
+            job.delivery.finished(job)
 
     def _expire(self) -> None:
         """Drop finished jobs older than keep_finished_s, then, for each owner, the oldest finished beyond

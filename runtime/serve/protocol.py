@@ -10,11 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import SdaotError, without_paths
 from ..request import MAX_SIDE, MIN_SIDE, RequestFields
 
+OutputFormat = Literal["png", "jpeg", "webp"]
+"""The image file formats an answer can carry."""
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
                503: "service_unavailable", 504: "timeout_error"}
 STATUS_OF_KIND = {"invalid_request_error": 400, "not_found_error": 404, "weights_not_found": 503,
-                  "service_unavailable": 503, "rate_limit_error": 429}
+                  "service_unavailable": 503, "rate_limit_error": 429, "api_error": 500}
 
 
 def status_of(error: SdaotError) -> int:
@@ -47,7 +49,7 @@ class ApiGenerationRequest(RequestFields):
     width: int = Field(default=1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)
     image: str | None = Field(default=None, description="img2img start image, base64 or data URL")
     controlnet_image: str | None = Field(default=None, description="ControlNet image, base64 or data URL")
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: OutputFormat = "png"
 
 
 class ErrorBody(BaseModel):
@@ -97,7 +99,12 @@ class GenerationResponse(BaseModel):
     height: int
     steps: int
     sampler: str
-    output_format: Literal["png", "jpeg", "webp"]
+    output_format: OutputFormat
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its encoded images: what a finished job that keeps this answer holds."""
+        return sum(len(image.image) for image in self.images)
 
 
 class JobRequest(ApiGenerationRequest):
@@ -107,6 +114,7 @@ class JobRequest(ApiGenerationRequest):
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+"""Where a job is: the generation queue's states, as the API reports them."""
 
 
 class JobAccepted(BaseModel):
@@ -118,7 +126,10 @@ class JobAccepted(BaseModel):
 
 
 class JobState(BaseModel):
-    """GET /v1/jobs/{id}: where the job is; `result` once succeeded, `error` once failed."""
+    """GET /v1/jobs/{id}: where the job is; `result` once succeeded, `error` once failed.
+
+    Only the fields set for the job's status are sent (routes answer with `response_model_exclude_unset`, the
+    events and webhooks with `wire`): a queued job has no `step`, a running one has `eta` even while unknown."""
 
     id: str
     object: Literal["job"] = "job"
@@ -132,3 +143,11 @@ class JobState(BaseModel):
     eta: float | None = Field(default=None, description="While running: seconds left, from the measured step time")
     result: GenerationResponse | None = None
     error: ErrorBody | None = None
+
+    def model_post_init(self, context: Any) -> None:
+        """`object` is always sent, though it has a default."""
+        self.model_fields_set.add("object")
+
+    def wire(self, with_result: bool = True) -> dict[str, Any]:
+        """The JSON object the API sends for this state (`result` left out unless `with_result`)."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude=None if with_result else {"result"})

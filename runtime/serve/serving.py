@@ -1,5 +1,7 @@
 """What the HTTP routes share: the server's configuration and state, and the request -> plan -> answer logic
-that the synchronous route and the jobs routes both use (the routes themselves stay thin)."""
+that the synchronous route and the jobs routes both use (the routes themselves stay thin). Answers are the
+declared models of `protocol`; what the HTTP side wants done with a job's outcome (its image format, its
+webhook) is kept here, beside the job (`HttpDelivery`), not in the queue."""
 
 from __future__ import annotations
 
@@ -23,7 +25,16 @@ from ..registry import get_model
 from ..request import parse_request
 from ..weights import BUILT_IN_SOURCES
 from .generation_queue import GenerationQueue, Job, owner_of
-from .protocol import ApiGenerationRequest, error_content
+from .protocol import (
+    ApiGenerationRequest,
+    ErrorBody,
+    GeneratedImage,
+    GenerationResponse,
+    JobState,
+    OutputFormat,
+    error_content,
+    error_shape,
+)
 from .streams import StreamLimit
 from .webhooks import WebhookSender
 
@@ -117,10 +128,8 @@ class Server:
         self.queue = GenerationQueue(config.workers, config.queue_size, config.max_queued_jobs,
                                      config.keep_finished_s, config.keep_finished, on_depth=self.queue_depth.set,
                                      on_step=lambda backend, s: self.step_time.labels(backend).observe(s),
-                                     on_finished=self._job_finished, max_jobs_per_key=config.max_jobs_per_key,
-                                     keep_finished_bytes=config.keep_finished_bytes,
-                                     encode=lambda job, result: generation_content(result, job.pipe.spec.name,
-                                                                                   job.output_format))
+                                     max_jobs_per_key=config.max_jobs_per_key,
+                                     keep_finished_bytes=config.keep_finished_bytes)
 
     def load(self) -> None:
         """Open every configured model's pipeline; a failure is kept as the reason /readyz and requests give."""
@@ -149,9 +158,9 @@ class Server:
             if isinstance(pipe, Pipeline):  # under Ray Serve each replica lists its own, at its start
                 pipe.selector.rescan()
 
-    def _job_finished(self, job: Job) -> None:
-        if job.webhook_url:
-            self.webhooks.send(job.webhook_url, lambda: job_content(self, job), job.id)
+    def delivery(self, output_format: OutputFormat = "png", webhook_url: str | None = None) -> HttpDelivery:
+        """What to do with the outcome of a request that asked for this image format and webhook."""
+        return HttpDelivery(self, output_format, webhook_url)
 
     def owner(self, request: Request) -> str:
         """Whose work a request creates or may see: the hash of its API key."""
@@ -201,34 +210,52 @@ def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Plan:
     return pipe.plan(parse_request(fields))
 
 
-def generation_content(result: GenerationResult, model_name: str, output_format: str) -> dict[str, Any]:
+def generation_response(result: GenerationResult, model_name: str, output_format: OutputFormat) -> GenerationResponse:
     """The answer of a finished generation (of the model served as `model_name`): the reference's fields plus
     what ran where."""
     plan = result.plan
     assert plan is not None
-    images = [{"image": encode_image(img, output_format), "index": i, "random_seed": seed}
+    images = [GeneratedImage(image=encode_image(img, output_format), index=i, random_seed=seed)
               for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True))]
-    return {"images": images, "inference_time": round(result.inference_time, 4), "backends": result.backends,
-            "model_name": model_name, "width": plan.width, "height": plan.height,
-            "steps": plan.steps, "sampler": plan.sampler.name, "output_format": output_format}
+    return GenerationResponse(images=images, inference_time=round(result.inference_time, 4),
+                              backends=result.backends, model_name=model_name, width=plan.width, height=plan.height,
+                              steps=plan.steps, sampler=plan.sampler.name, output_format=output_format)
 
 
-def job_content(server: Server, job: Job) -> dict[str, Any]:
-    """A job's state as GET /v1/jobs/{id}, the events stream and the webhook report it (the answer was encoded
-    on the worker thread: nothing here encodes an image)."""
-    content: dict[str, Any] = {"id": job.id, "object": "job", "status": job.status, "created": round(job.created, 3),
-                               "model_name": job.pipe.spec.name}
+def job_state(server: Server, job: Job) -> JobState:
+    """A job's state as GET /v1/jobs/{id}, the events stream and the webhook report it, with the fields of its
+    status only (the answer was encoded on the worker thread: nothing here encodes an image)."""
+    state = JobState(id=job.id, status=job.status, created=round(job.created, 3), model_name=job.pipe.spec.name)
     if job.status == "queued":
-        content["queue_position"] = server.queue.position(job)
-    if job.status in ("running", "succeeded", "cancelled", "failed"):
-        content |= {"step": job.step, "steps": job.steps, "elapsed": round(job.elapsed(), 3)}
+        state.queue_position = server.queue.position(job)
+    else:
+        state.step, state.steps, state.elapsed = job.step, job.steps, round(job.elapsed(), 3)
     if job.status == "running":
-        content["eta"] = job.eta()
-    if job.status == "succeeded" and job.answer is not None:
-        content["result"] = job.answer
-    if job.status == "failed":
-        content["error"] = job.error
-    return content
+        state.eta = job.eta()
+    if job.status == "succeeded" and isinstance(job.answer, GenerationResponse):
+        state.result = job.answer
+    if job.status == "failed" and job.error is not None:
+        state.error = ErrorBody.model_validate(error_shape(job.error))
+    return state
+
+
+@dataclass(frozen=True)
+class HttpDelivery:
+    """What the HTTP side keeps beside a job: the image format its answer is encoded in (on the worker thread,
+    so no route encodes an image on the event loop) and the webhook that hears of its end."""
+
+    server: Server
+    output_format: OutputFormat = "png"
+    webhook_url: str | None = None
+
+    def encode(self, job: Job, result: GenerationResult) -> GenerationResponse:
+        """The answer the job keeps instead of its images."""
+        return generation_response(result, job.pipe.spec.name, self.output_format)
+
+    def finished(self, job: Job) -> None:
+        """Queue the webhook, if the job has one; its body is built on the delivery pool."""
+        if self.webhook_url:
+            self.server.webhooks.send(self.webhook_url, lambda: job_state(self.server, job).wire(), job.id)
 
 
 def get_server(request: Request) -> Server:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from ...errors import BusyError
 from ..generation_queue import Cancelled, Job
@@ -18,11 +18,12 @@ router = APIRouter()
 
 @router.post("/v1/image/generation", response_model=GenerationResponse,
              responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504))
-async def generation(body: ApiGenerationRequest, request: Request, server: ServerDep) -> Any:
+async def generation(body: ApiGenerationRequest, request: Request,
+                     server: ServerDep) -> GenerationResponse | JSONResponse:
     """Generate images: the reference API's request and response. For work that may outlast a proxy's
     timeout, POST /v1/jobs takes the same body and reports progress."""
     pipe, plan = await plan_request(server, body)
-    job = server.queue.run_now(pipe, plan, server.owner(request), body.output_format)
+    job = server.queue.run_now(pipe, plan, server.owner(request), server.delivery(body.output_format))
     if job is None:
         raise BusyError("the server is busy: every worker and queue slot is taken; retry later, or POST the same "
                         "body to /v1/jobs to wait in the job queue")
@@ -38,6 +39,7 @@ async def generation(body: ApiGenerationRequest, request: Request, server: Serve
     finally:
         watcher.cancel()
     server.latency.observe(time.perf_counter() - start)
+    assert isinstance(job.answer, GenerationResponse)
     return job.answer  # encoded on the worker thread, off the event loop
 
 

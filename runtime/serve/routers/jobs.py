@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import BusyError, NotFoundError
 from ..generation_queue import Job
 from ..protocol import JobAccepted, JobRequest, JobState, error_responses
-from ..serving import Server, ServerDep, job_content, plan_request
+from ..serving import Server, ServerDep, job_state, plan_request
 from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs")
@@ -25,30 +25,32 @@ KEEP_ALIVE_S = 15.0
 
 @router.post("", status_code=202, response_model=JobAccepted,
              responses=error_responses(400, 401, 404, 413, 422, 429, 503))
-async def create_job(body: JobRequest, request: Request, server: ServerDep) -> Any:
+async def create_job(body: JobRequest, request: Request, server: ServerDep) -> JobAccepted:
     """Queue a generation (the body of /v1/image/generation, plus an optional `webhook_url`)."""
     if body.webhook_url is not None:
         await run_in_threadpool(check_webhook_url, body.webhook_url, server.config.webhook_allow)
     pipe, plan = await plan_request(server, body)
-    job = server.queue.submit_job(pipe, plan, server.owner(request), body.webhook_url, body.output_format)
+    job = server.queue.submit_job(pipe, plan, server.owner(request),
+                                  server.delivery(body.output_format, body.webhook_url))
     if job is None:
         raise BusyError(f"the job queue is full ({server.config.max_queued_jobs} waiting); retry later")
-    return JSONResponse({"id": job.id, "status": job.status, "queue_position": server.queue.position(job)},
-                        status_code=202)
+    return JobAccepted(id=job.id, status=job.status, queue_position=server.queue.position(job))
 
 
-@router.get("/{job_id}", response_model=JobState, responses=error_responses(401, 404))
-async def get_job(job_id: str, request: Request, server: ServerDep) -> Any:
+@router.get("/{job_id}", response_model=JobState, response_model_exclude_unset=True,
+            responses=error_responses(401, 404))
+async def get_job(job_id: str, request: Request, server: ServerDep) -> JobState:
     """The job's status; while running its step, elapsed time and ETA; its images once succeeded."""
-    return job_content(server, _owned(server, request, job_id))
+    return job_state(server, _owned(server, request, job_id))
 
 
-@router.delete("/{job_id}", response_model=JobState, responses=error_responses(401, 404))
-async def cancel_job(job_id: str, request: Request, server: ServerDep) -> Any:
+@router.delete("/{job_id}", response_model=JobState, response_model_exclude_unset=True,
+               responses=error_responses(401, 404))
+async def cancel_job(job_id: str, request: Request, server: ServerDep) -> JobState:
     """Cancel this job: at once while queued, at its next step while running (a finished job stays as it is)."""
     job = _owned(server, request, job_id)
     server.queue.cancel(job)
-    return job_content(server, job)
+    return job_state(server, job)
 
 
 @router.get("/{job_id}/events", responses={**error_responses(401, 404), 200: {
@@ -82,7 +84,7 @@ class ClosingStream(StreamingResponse):
 async def _events(server: Server, job: Job) -> AsyncIterator[str]:
     """The stream's events; it sleeps until the job changes (a comment line every KEEP_ALIVE_S meanwhile, so
     a client that left is noticed). Starlette ends it when its client disconnects."""
-    yield _event("status", {k: v for k, v in job_content(server, job).items() if k != "result"})
+    yield _event("status", job_state(server, job).wire(with_result=False))
     sent = 0
     while True:
         seen = job.version
@@ -92,7 +94,7 @@ async def _events(server: Server, job: Job) -> AsyncIterator[str]:
                                       "elapsed": round(elapsed, 3), "eta": eta})
         sent = len(steps)
         if job.done and sent == len(job.step_log):
-            yield _event("result", job_content(server, job))
+            yield _event("result", job_state(server, job).wire())
             return
         await job.changed(seen, KEEP_ALIVE_S)
         if job.version == seen:
