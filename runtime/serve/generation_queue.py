@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import BusyError, SdaotError
+from ..errors import BusyError, SdaotError, ServiceUnavailableError
 from ..pipeline import Cancelled, GenerationResult, Pipeline, Plan
 from .admission import Admission
 from .protocol import JobStatus
@@ -42,6 +42,11 @@ class InternalError(SdaotError):
     the message names."""
 
     error_type = "api_error"
+
+
+class WorkerLost(ServiceUnavailableError):
+    """The process running a generation died under it (a Ray replica): nothing of the work is left, so a job
+    runs once more elsewhere, while a synchronous request answers 503 for its client to retry."""
 
 
 class Encoded(Protocol):
@@ -75,7 +80,8 @@ class Job:
     `result` the generation's images until its `delivery` encodes them into `answer`, which every later read
     returns as it is (without a delivery `result` stays); `plan` is dropped once the answer is encoded (it holds
     the decoded input images); `error` is the failure as a client may see it (its details logged);
-    `waits_when_busy` whether it waits for a busy pipeline (jobs) or fails with 429 (synchronous requests);
+    `is_job` whether it waits for a busy pipeline and runs once more if its worker is lost (a listed job), or
+    fails with 429 or 503 at once (a synchronous request, whose client retries);
     `version` counts changes (a step, a new status), which `notify` tells the events streams about."""
 
     id: str
@@ -96,7 +102,7 @@ class Job:
     delivery: Delivery | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future | None = None
-    waits_when_busy: bool = False
+    is_job: bool = False
     version: int = 0
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
     _waiters_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -186,7 +192,7 @@ class GenerationQueue:
         """Queue a job listed under `owner`; None when the maximum of unfinished work is reached, BusyError when
         `owner` has `max_jobs_per_key` unfinished jobs already. Jobs may wait in a longer queue than synchronous
         requests, which then get 429 until the jobs ahead have run."""
-        job = Job("job_" + secrets.token_hex(12), owner, pipe, plan, delivery=delivery, waits_when_busy=True)
+        job = Job("job_" + secrets.token_hex(12), owner, pipe, plan, delivery=delivery, is_job=True)
         with self._lock:
             self._expire()
             mine = sum(1 for j in self._jobs.values() if j.owner == owner and not j.done)
@@ -284,13 +290,22 @@ class GenerationQueue:
 
     def _generate(self, job: Job, progress: Callable[[int, int], None]) -> GenerationResult:
         """Run the job's generation. A listed job whose pipeline is busy elsewhere (a remote one: every replica
-        of the model is full) waits, queued, and tries again until it runs or is cancelled; a synchronous
-        request gets the BusyError (its client retries)."""
+        of the model is full) waits, queued, and tries again until it runs or is cancelled; one whose worker
+        is lost runs once more, from its first step (its ETA measured anew). A synchronous request gets the
+        BusyError or WorkerLost (its client retries)."""
+        lost = False
         while True:
             try:
                 return job.pipe.generate(job.plan, progress=progress, stop=job.cancel)
+            except WorkerLost as exc:
+                if not job.is_job or lost:
+                    raise
+                log.warning("%s: %s; running it once more", job.id, exc.message)
+                lost = True
+                job.step_times.clear()
+                continue
             except BusyError:
-                if not job.waits_when_busy:
+                if not job.is_job:
                     raise
             job.status = "queued"
             job.notify()

@@ -8,10 +8,14 @@ Two kinds of deployment:
    generation), and jobs do not outlive it.
 2. **`ModelReplica`**, one deployment per served model: each replica loads the pipeline from the artifact
    root, selects artifacts by its own hardware as `sdaot serve` does (falling back to torch where none
-   fits), and streams each generation's steps back. `--workers` is its `max_ongoing_requests`;
-   `--queue-size` requests may wait for the model's replicas; past that the client gets a 429 with
-   Retry-After (from the ingress, or from Ray's back-pressure: see `build_app`). Replicas are a fixed
-   number, or autoscaled on ongoing requests, and reserve `num_cpus` (and `num_gpus`) each.
+   fits), and streams each generation's steps back. A cancelled generation holds its worker until it has
+   really stopped (at its next step), and a request that arrives meanwhile waits for that worker instead
+   of being refused: Ray counts a cancelled call as ended at once, and a 429 then would be false.
+   `--workers` is its `max_ongoing_requests`; `--queue-size` requests may wait for the model's replicas;
+   past that the client gets a 429 with Retry-After (from the ingress, or from Ray's back-pressure: see
+   `build_app`). Replicas are a fixed number, or autoscaled on ongoing requests, and reserve `num_cpus`
+   (and `num_gpus`) each. A job whose replica dies runs once more on another (`RemotePipeline`); a
+   synchronous call gets a 503 instead, for its client to retry.
 
 Every node must see the artifact root, the LoRA and ControlNet folders and the weights at the same paths (a
 shared filesystem, or the same image). `app` builds the application for `serve run` / `serve deploy`;
@@ -112,7 +116,7 @@ class ModelReplica:
         if cpus:
             torch.set_num_threads(max(1, int(cpus)))
         self.pipe = load_served_pipeline(name, config)
-        self.queue = GenerationQueue(config.workers, 0, 0, 0, 0)
+        self.queue = replica_queue(config.workers)
 
     def summary(self) -> dict:
         """What this replica offers (its artifacts as its hardware selects them, its LoRA files)."""
@@ -120,7 +124,8 @@ class ModelReplica:
 
     async def generate(self, plan: Plan) -> AsyncIterator[tuple[int, int] | GenerationResult]:
         """(step, steps) after each sampler step, then the GenerationResult. Cancelling the stream (the client
-        left, the request timed out, the job was cancelled) stops the generation at its next step."""
+        left, the request timed out, the job was cancelled) stops the generation at its next step, and the
+        stream ends only once it has stopped."""
         job = self.queue.run_now(self.pipe, plan, owner="ingress")
         if job is None:
             raise BusyError(f"every worker of this {self.pipe.spec.name} replica is taken")
@@ -140,6 +145,15 @@ class ModelReplica:
         finally:
             if not job.done:
                 self.queue.cancel(job)
+            while not job.future.done():  # the stream ends when the worker is free: once the work has stopped
+                await asyncio.sleep(STEP_POLL_S)
+
+
+def replica_queue(workers: int) -> GenerationQueue:
+    """A replica's queue: `workers` run, and as many more may wait. Ray sends a replica at most `workers` calls
+    at once, but counts a cancelled call as ended as soon as it is cancelled, while its generation runs on to
+    its next step; the call Ray sends next then waits for that worker rather than being refused (a false 429)."""
+    return GenerationQueue(workers, workers, 0, 0, 0)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,

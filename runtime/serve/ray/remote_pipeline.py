@@ -3,9 +3,11 @@ model's replicas, so the routes, the generation queue and the jobs API work unch
 
 Planning needs no weights (`Planner`), so only `generate` crosses to a replica. It streams the replica's
 sampler steps back as they finish, which keeps the jobs API's progress, ETA and cancellation: a cancelled job
-cancels the stream, and the replica stops the generation at its next step. What can go wrong on the way
-becomes the error a local server would give: Ray's back-pressure (every replica of the model is full) a 429,
-a replica that died under the request a 503, a bad request the replica refused its own 4xx.
+cancels the stream, and the replica stops the generation at its next step; the ingress's worker waits for the
+stream's end, so that it counts the work as long as Ray does. What can go wrong on the way becomes the error
+a local server would give: Ray's back-pressure (every replica of the model is full) a 429, a replica that
+died under the request a 503 (`WorkerLost`: the generation queue runs a job once more), a bad request the
+replica refused its own 4xx.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ...pipeline import Cancelled, GenerationResult, Plan, Progress
 from ...planning import Planner
 from ...registry import ModelSpec
 from ...request import GenerationRequest
+from ..generation_queue import WorkerLost
 
 
 class RemotePipeline:
@@ -58,6 +61,7 @@ class RemotePipeline:
                     progress(*item)
         except Cancelled:
             stream.cancel()
+            _wait_for_end(stream)
             raise
         except Exception as exc:
             raise replica_error(self.spec.name, exc) from exc
@@ -77,6 +81,17 @@ def replica_error(model: str, exc: Exception) -> Exception:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, SdaotError):
         return exc.cause
     if isinstance(exc, RayActorError):
-        return ServiceUnavailableError(f"the replica of {model} running this request stopped ({type(exc).__name__});"
-                                       " retry: another replica takes it")
+        return WorkerLost(f"the replica of {model} running this request stopped ({type(exc).__name__}); retry: "
+                          "another replica takes it")
     return exc
+
+
+def _wait_for_end(stream: Any) -> None:
+    """Return once a cancelled stream has ended: its error comes when the replica's call has ended, and until
+    then the calling worker (one of the ingress's counted slots) stays taken, as Ray's count of the call does.
+    Any error is the cancel's own, or the replica's, which the cancelled request no longer needs."""
+    try:
+        for _ in stream:
+            pass
+    except Exception:  # see above: the request is cancelled whatever the stream ends with
+        return
