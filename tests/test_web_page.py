@@ -4,6 +4,7 @@ generate on tiny weights with the progress bar reaching 100 %, then cancel a sec
 import base64
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def server():
 
 
 def test_generate_watch_progress_and_cancel_in_a_browser(server, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     assert Path(CHROMIUM).exists(), "install Debian's chromium package (.ci/run does)"
     with sync_playwright() as playwright:
@@ -35,7 +36,7 @@ def test_generate_watch_progress_and_cancel_in_a_browser(server, tmp_path):
         assert page.title() == "sdaot"
         page.fill("#api-key", KEY)
         page.click("#save-key")
-        page.wait_for_function("document.querySelectorAll('#model option').length == 2")
+        expect(page.locator("#model option")).to_have_count(2)
         page.select_option("#model", "SD1.5")
         assert page.input_value("#size") == "512x512" and "native" in page.inner_text("#size")
         page.select_option("#size", "64x64")
@@ -58,10 +59,9 @@ def test_generate_watch_progress_and_cancel_in_a_browser(server, tmp_path):
         page.select_option("#size", "256x256")
         page.fill("#steps", "150")
         page.click("#generate")
-        page.wait_for_function("/step [1-9]/.test(document.getElementById('progress-text').textContent)",
-                               timeout=120_000)
+        expect(page.locator("#progress-text")).to_contain_text(re.compile("step [1-9]"), timeout=120_000)
         page.click("#cancel")
-        page.wait_for_function("document.getElementById('message').textContent === 'cancelled'", timeout=120_000)
+        expect(page.locator("#message")).to_have_text("cancelled", timeout=120_000)
         job_id = page.get_attribute("#progress-area", "data-job")
         job = httpx.get(f"{server}/v1/jobs/{job_id}", headers=AUTH, timeout=60).json()
         assert job["status"] == "cancelled" and 1 <= job["step"] < 150, job
