@@ -244,9 +244,9 @@ def test_missing_weights_answer_503_with_the_reason():
 
 
 def test_a_request_over_the_time_limit_answers_504_and_frees_the_worker():
-    proc, url = start_server(["--models", "SD1.5", "--timeout", "1"])
+    proc, url = start_server(["--models", "SD1.5", "--timeout", "5"])
     try:
-        slow = {"model_name": "SD1.5", "prompt": "x", "height": 512, "width": 512, "steps": 50}
+        slow = {"model_name": "SD1.5", "prompt": "x", "height": 768, "width": 768, "steps": 150}
         assert_error(post(url, slow), 504)
         quick = {"model_name": "SD1.5", "prompt": "x", "height": 64, "width": 64, "steps": 1}
         codes = []
