@@ -38,7 +38,9 @@ def max_diff(a, b) -> int:
 
 
 @pytest.mark.parametrize(("model", "sampler", "interval", "branch"), [
-    ("SD1.5", "Euler", 3, 0), ("SD1.5", "DDIM", 2, 2), ("SD1.5", "Euler", 2, 4), ("SDXL1.0-base", "Euler", 2, 0),
+    ("SD1.5", "Euler", 3, 0), pytest.param("SD1.5", "DDIM", 2, 2, marks=pytest.mark.slow),
+    pytest.param("SD1.5", "Euler", 2, 4, marks=pytest.mark.slow),
+    pytest.param("SDXL1.0-base", "Euler", 2, 0, marks=pytest.mark.slow),
 ])
 def test_images_equal_deepcache_sd_helper(pipelines, model, sampler, interval, branch):
     pipe = pipelines(model)
