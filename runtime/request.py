@@ -57,6 +57,9 @@ class RequestFields(BaseModel):
     deepcache_branch: int = Field(default=0, ge=0, le=MAX_DEEPCACHE_BRANCH, description="DeepCache's "
                                   "cache_branch_id: the skip connection the shallow UNet stops at (3 per down block; "
                                   "0 is the shallowest and fastest)")
+    preview_every: int = Field(default=0, ge=0, le=MAX_STEPS, description="Live previews: a small WebP of the "
+                               "first image's current state every N sampler steps, on the job's event stream and "
+                               "in GET /v1/jobs/{id} (0: off)")
 
 
 class GenerationRequest(RequestFields):

@@ -82,7 +82,8 @@ class Job:
     the decoded input images); `error` is the failure as a client may see it (its details logged);
     `is_job` whether it waits for a busy pipeline and runs once more if its worker is lost (a listed job), or
     fails with 429 or 503 at once (a synchronous request, whose client retries);
-    `version` counts changes (a step, a new status), which `notify` tells the events streams about."""
+    `preview` is the latest live preview (a WebP file, base64) and `preview_step` the step it shows (0: none yet);
+    `version` counts changes (a step, a preview, a new status), which `notify` tells the events streams about."""
 
     id: str
     owner: str
@@ -96,6 +97,8 @@ class Job:
     finished: float | None = None
     step_times: list[float] = field(default_factory=list)
     step_log: list[tuple[int, int, float, float | None]] = field(default_factory=list)
+    preview: str | None = None
+    preview_step: int = 0
     result: GenerationResult | None = None
     answer: Encoded | None = None
     error: SdaotError | None = None
