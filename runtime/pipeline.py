@@ -30,6 +30,7 @@ from .deepcache import DEFAULT_BRANCH, check_branch, deepcache_modules, is_full_
 from .errors import InvalidRequestError
 from .lora import LoraMerger
 from .planning import Plan, Planner
+from .previews import PreviewSink, clean_estimate, fitted, is_due, linear_preview
 from .prompt_chunks import PromptChunk, emphasized, padded, plain_chunk, prompt_chunks
 from .registry import ModelSpec
 from .request import GenerationRequest
@@ -58,6 +59,7 @@ class Run:
     components: dict[str, Component]
     generators: list[torch.Generator]
     progress: Progress | None = None
+    preview: PreviewSink | None = None
     used: dict[str, str] = field(default_factory=dict)
     deep_feature: torch.Tensor | None = None
     """Under DeepCache, the deep feature of the last full UNet step, which the shallow steps reuse."""
@@ -193,13 +195,14 @@ class Pipeline:
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest | Plan, progress: Progress | None = None,
-                 stop: threading.Event | None = None) -> GenerationResult:
+                 stop: threading.Event | None = None, preview: PreviewSink | None = None) -> GenerationResult:
         """Run one request (or its already made plan) end to end and return its images (PIL, RGB).
 
         With the refiner, this pipeline denoises up to `1 - refiner_fraction` of the schedule and the refiner
         pipeline takes the latents and the random generators from there, as diffusers' base + refiner flow.
         `stop` set (the request was cancelled or timed out) raises Cancelled while waiting for the model (its
         weights hold one LoRA set at a time) and once it is taken, before any LoRA is merged or prompt encoded.
+        `preview` receives the live previews the plan asks for (`preview_every`).
         """
         if isinstance(request, Plan):
             plan = request
@@ -210,14 +213,14 @@ class Pipeline:
         with self._model_lock(stop):
             self.loras.apply(plan.loras)
             start = time.perf_counter()
-            run = self.start(plan, progress)
+            run = self.start(plan, progress, preview=preview)
             if not plan.request.enable_refiner:
                 images = self.decode(run, self.denoise(run))
                 return GenerationResult(images, plan.seeds, time.perf_counter() - start, run.used, plan)
             assert self.refiner is not None
             split = 1.0 - plan.request.refiner_fraction
             latents = self.denoise(run, end=split)
-            refined = self.refiner.start(plan, progress, run.generators)
+            refined = self.refiner.start(plan, progress, run.generators, preview)
             images = self.refiner.decode(refined, self.refiner.denoise(refined, latents, start=split))
             used = run.used | {f"refiner.{k}": v for k, v in refined.used.items()}
             return GenerationResult(images, plan.seeds, time.perf_counter() - start, used, plan)
@@ -236,10 +239,10 @@ class Pipeline:
             self.loras.lock.release()
 
     def start(self, plan: Plan, progress: Progress | None = None,
-              generators: list[torch.Generator] | None = None) -> Run:
+              generators: list[torch.Generator] | None = None, preview: PreviewSink | None = None) -> Run:
         """A request in flight on this pipeline: its components chosen, one random generator per image."""
         generators = generators or [torch.Generator().manual_seed(s) for s in plan.seeds]
-        return Run(plan, self.components(plan), generators, progress)
+        return Run(plan, self.components(plan), generators, progress, preview)
 
     def denoise(self, run: Run, latents: torch.Tensor | None = None, start: float | None = None,
                 end: float | None = None) -> torch.Tensor:
@@ -364,14 +367,18 @@ class Pipeline:
 
     def denoise_loop(self, run: Run, scheduler, timesteps: torch.Tensor, latents: torch.Tensor,
                      cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One scheduler step per timestep on the noise the UNet predicts; progress is told after each."""
+        """One scheduler step per timestep on the noise the UNet predicts; progress is told after each, and a
+        live preview made where one is due."""
         step_kwargs = _step_kwargs(scheduler, run.generators)
         control = self._control_image(run.plan) if run.plan.controlnet and self.spec.default_controlnet else None
         for i, t in enumerate(timesteps):
             noise_pred = self.predict_noise(run, scheduler, latents, t, cond, control, (i, len(timesteps)))
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            stepped = scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = stepped.prev_sample
             if run.progress:
                 run.progress(i + 1, len(timesteps))
+            if run.preview and is_due(run.plan.request.preview_every, i + 1, len(timesteps)):
+                run.preview(i + 1, self.preview_image(run, clean_estimate(stepped, latents)))
         return latents
 
     def predict_noise(self, run: Run, scheduler, latents: torch.Tensor, t: torch.Tensor,
@@ -419,6 +426,20 @@ class Pipeline:
     def decoder(self, plan: Plan) -> str:
         """The decoder component the plan asks for: the model's VAE, or the tiny one."""
         return "vae_decoder_tiny" if plan.request.vae == "tiny" else "vae_decoder"
+
+    def preview_image(self, run: Run, latents: torch.Tensor) -> Image.Image:
+        """The first image of `latents` as a live preview: through the tiny decoder where there is one (the
+        plan's own, compiled, when it decodes with it; else torch's, for one image), else the linear map."""
+        plan = run.plan
+        if "vae_decoder_tiny" in run.components:
+            decoded = run.components["vae_decoder_tiny"](latents / self.bundle.tiny_vae.config.scaling_factor)[0][:1]
+        elif "vae_decoder_tiny" in self.torch_components:
+            tiny = self.torch_components["vae_decoder_tiny"]
+            decoded = tiny(latents[:1] / self.bundle.tiny_vae.config.scaling_factor)[0]
+        else:
+            return fitted(linear_preview(latents, self.spec.family), plan.width, plan.height)
+        image = self.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True])[0]
+        return fitted(image, plan.width, plan.height)
 
     def decode(self, run: Run, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> RGB images through the plan's decoder (each scales the latents by its own factor)."""

@@ -100,6 +100,39 @@ def test_the_event_stream_has_one_event_per_step_then_the_result(server):
     assert decode(events[-1][1]["result"]["images"][0]["image"]).size == (64, 64)
 
 
+def test_live_previews_come_as_events_every_nth_step_and_in_the_job_state(server):
+    job = create(server, QUICK | {"steps": 7, "preview_every": 2})
+    events = []
+    with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", headers=ONE, timeout=300) as resp:
+        name = None
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    previews = [e for n, e in events if n == "preview"]
+    assert [p["step"] for p in previews] == [2, 4, 6] and all(p["steps"] == 7 for p in previews)
+    for p in previews:
+        image = decode(p["image"])
+        assert image.format == "WEBP" and image.size == (64, 64)
+    order = [n for n, _ in events if n in ("progress", "preview")]
+    assert order.index("preview") == order.index("progress") + 2, "the step-2 preview follows the step-2 progress"
+    assert "preview" not in state(server, job["id"]), "a finished job shows its images, not a preview"
+    sync = httpx.post(f"{server}/v1/image/generation", json=QUICK | {"steps": 7}, headers=ONE, timeout=600).json()
+    result = events[-1][1]["result"]
+    assert np.array_equal(np.asarray(decode(result["images"][0]["image"])),
+                          np.asarray(decode(sync["images"][0]["image"])))
+
+    running = create(server, LONG | {"preview_every": 1})
+    shown = wait_for(server, running["id"], lambda s: "preview" in s or finished(s))
+    assert shown["status"] == "running" and 1 <= shown["preview"]["step"] <= shown["step"]
+    assert decode(shown["preview"]["image"]).size == (256, 256)
+    httpx.delete(f"{server}/v1/jobs/{running['id']}", headers=ONE, timeout=60)
+    stopped = wait_for(server, running["id"], finished)
+    assert stopped["status"] == "cancelled" and "preview" in stopped, "a cancelled job keeps its last preview"
+    wait_until_idle(server)
+
+
 def test_cancelling_a_running_job_stops_it_within_a_step_and_a_queued_one_before_it_starts(server):
     wait_until_idle(server)
     running = create(server, LONG)

@@ -1,5 +1,6 @@
 """The web page in a real browser (Debian's chromium, headless, driven by Playwright) against a real server:
-generate on tiny weights with the progress bar reaching 100 %, then cancel a second job."""
+generate on tiny weights with the progress bar reaching 100 %, then watch a second job's live preview and
+cancel it."""
 
 import base64
 import io
@@ -50,6 +51,7 @@ def test_generate_watch_progress_and_cancel_in_a_browser(server, tmp_path):
         assert max(page.evaluate("window.seen")) == 100
         assert page.inner_text("#progress-text").startswith("succeeded: step 8/8")
         assert "seed 7" in page.inner_text("#results figcaption")
+        assert page.locator("#preview").is_hidden(), "the finished image replaces the live preview"
         src = page.get_attribute("#results figure img", "src")
         assert page.get_attribute("#results figure a", "href") == src
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
@@ -58,8 +60,15 @@ def test_generate_watch_progress_and_cancel_in_a_browser(server, tmp_path):
 
         page.select_option("#size", "256x256")
         page.fill("#steps", "150")
+        page.fill("#preview-every", "1")
         page.click("#generate")
         expect(page.locator("#progress-text")).to_contain_text(re.compile("step [1-9]"), timeout=120_000)
+        expect(page.locator("#preview")).to_be_visible(timeout=120_000)
+        preview = page.get_attribute("#preview", "src")
+        assert preview.startswith("data:image/webp;base64,")
+        shown = Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1])))
+        assert shown.format == "WEBP" and shown.size == (256, 256)
+        assert len(set(shown.convert("RGB").getdata())) > 16, "a preview is a picture, not a flat colour"
         page.click("#cancel")
         expect(page.locator("#message")).to_have_text("cancelled", timeout=120_000)
         job_id = page.get_attribute("#progress-area", "data-job")

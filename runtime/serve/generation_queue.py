@@ -27,8 +27,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from PIL import Image
+
 from ..errors import BusyError, SdaotError, ServiceUnavailableError
+from ..images import encode_image
 from ..pipeline import Cancelled, GenerationResult, Pipeline, Plan
+from ..previews import PreviewSink
 from .admission import Admission
 from .protocol import JobStatus
 
@@ -270,8 +274,12 @@ class GenerationQueue:
             if job.cancel.is_set():
                 raise Cancelled()
 
+        def preview(step: int, image: Image.Image) -> None:
+            job.preview, job.preview_step = encode_image(image, "webp"), step
+            job.notify()
+
         try:
-            result = self._generate(job, progress)
+            result = self._generate(job, progress, preview)
             if job.delivery is not None:
                 job.answer = job.delivery.encode(job, result)
         except Cancelled:
@@ -291,7 +299,7 @@ class GenerationQueue:
             self._on_step(backend, later - earlier)
         self._finish(job, "succeeded")
 
-    def _generate(self, job: Job, progress: Callable[[int, int], None]) -> GenerationResult:
+    def _generate(self, job: Job, progress: Callable[[int, int], None], preview: PreviewSink) -> GenerationResult:
         """Run the job's generation. A listed job whose pipeline is busy elsewhere (a remote one: every replica
         of the model is full) waits, queued, and tries again until it runs or is cancelled; one whose worker
         is lost runs once more, from its first step (its ETA measured anew). A synchronous request gets the
@@ -299,7 +307,7 @@ class GenerationQueue:
         lost = False
         while True:
             try:
-                return job.pipe.generate(job.plan, progress=progress, stop=job.cancel)
+                return job.pipe.generate(job.plan, progress=progress, stop=job.cancel, preview=preview)
             except WorkerLost as exc:
                 if not job.is_job or lost:
                     raise

@@ -125,6 +125,13 @@ class JobAccepted(BaseModel):
     queue_position: int = Field(description="Jobs waiting ahead of this one")
 
 
+class LivePreview(BaseModel):
+    """A running job's latest live preview (request field `preview_every`): the first image as it stands."""
+
+    step: int = Field(description="The sampler step it shows")
+    image: str = Field(description="A WebP file, base64, its longest side at most 256 pixels")
+
+
 class JobState(BaseModel):
     """GET /v1/jobs/{id}: where the job is; `result` once succeeded, `error` once failed.
 
@@ -141,6 +148,8 @@ class JobState(BaseModel):
     steps: int | None = Field(default=None, description="Sampler steps in all")
     elapsed: float | None = Field(default=None, description="Seconds since it started running")
     eta: float | None = Field(default=None, description="While running: seconds left, from the measured step time")
+    preview: LivePreview | None = Field(default=None, description="Until it succeeds: the latest live preview, "
+                                        "when the request asked for them (`preview_every`)")
     result: GenerationResponse | None = None
     error: ErrorBody | None = None
 

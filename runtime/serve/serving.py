@@ -31,6 +31,7 @@ from .protocol import (
     GeneratedImage,
     GenerationResponse,
     JobState,
+    LivePreview,
     OutputFormat,
     error_content,
     error_shape,
@@ -232,6 +233,8 @@ def job_state(server: Server, job: Job) -> JobState:
         state.step, state.steps, state.elapsed = job.step, job.steps, round(job.elapsed(), 3)
     if job.status == "running":
         state.eta = job.eta()
+    if job.preview is not None and job.status != "succeeded":
+        state.preview = LivePreview(step=job.preview_step, image=job.preview)
     if job.status == "succeeded" and isinstance(job.answer, GenerationResponse):
         state.result = job.answer
     if job.status == "failed" and job.error is not None:

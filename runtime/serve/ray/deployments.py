@@ -46,6 +46,7 @@ from ...pipeline import GenerationResult, Plan
 from ...planning import Planner
 from ...registry import get_model
 from ..generation_queue import GenerationQueue
+from ..protocol import LivePreview
 from ..serving import ServerConfig, load_served_pipeline
 from .remote_pipeline import RemotePipeline
 
@@ -122,14 +123,15 @@ class ModelReplica:
         """What this replica offers (its artifacts as its hardware selects them, its LoRA files)."""
         return self.pipe.summary()
 
-    async def generate(self, plan: Plan) -> AsyncIterator[tuple[int, int] | GenerationResult]:
-        """(step, steps) after each sampler step, then the GenerationResult. Cancelling the stream (the client
+    async def generate(self, plan: Plan) -> AsyncIterator[tuple[int, int] | LivePreview | GenerationResult]:
+        """(step, steps) after each sampler step, each new live preview, then the GenerationResult. Cancelling
+        the stream (the client
         left, the request timed out, the job was cancelled) stops the generation at its next step, and the
         stream ends only once it has stopped."""
         job = self.queue.run_now(self.pipe, plan, owner="ingress")
         if job is None:
             raise BusyError(f"every worker of this {self.pipe.spec.name} replica is taken")
-        sent = 0
+        sent = previewed = 0
         try:
             while True:
                 finished = job.future.done()
@@ -137,6 +139,9 @@ class ModelReplica:
                 for step, total, _, _ in steps[sent:]:
                     yield step, total
                 sent = len(steps)
+                if job.preview is not None and job.preview_step != previewed:
+                    previewed = job.preview_step
+                    yield LivePreview(step=previewed, image=job.preview)
                 if finished:
                     break
                 await asyncio.sleep(STEP_POLL_S)

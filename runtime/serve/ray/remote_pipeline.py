@@ -16,11 +16,14 @@ import threading
 from typing import Any
 
 from ...errors import BusyError, SdaotError, ServiceUnavailableError
+from ...images import decode_image
 from ...pipeline import Cancelled, GenerationResult, Plan, Progress
 from ...planning import Planner
+from ...previews import PREVIEW_SIDE, PreviewSink
 from ...registry import ModelSpec
 from ...request import GenerationRequest
 from ..generation_queue import WorkerLost
+from ..protocol import LivePreview
 
 
 class RemotePipeline:
@@ -46,10 +49,10 @@ class RemotePipeline:
         return self._summary
 
     def generate(self, plan: Plan, progress: Progress | None = None,
-                 stop: threading.Event | None = None) -> GenerationResult:
+                 stop: threading.Event | None = None, preview: PreviewSink | None = None) -> GenerationResult:
         """Run the plan on a replica, reporting each finished step to `progress` (which may raise Cancelled to
-        stop it); nothing is sent when `stop` is set already. Blocks: called from a generation worker thread,
-        never from the event loop."""
+        stop it) and each live preview to `preview`; nothing is sent when `stop` is set already. Blocks: called
+        from a generation worker thread, never from the event loop."""
         if stop is not None and stop.is_set():
             raise Cancelled()
         stream = self.handle.options(stream=True).generate.remote(plan)
@@ -57,7 +60,10 @@ class RemotePipeline:
             for item in stream:
                 if isinstance(item, GenerationResult):
                     return item
-                if progress is not None:
+                if isinstance(item, LivePreview):
+                    if preview is not None:
+                        preview(item.step, decode_image(item.image, "preview", PREVIEW_SIDE**2))
+                elif progress is not None:
                     progress(*item)
         except Cancelled:
             stream.cancel()

@@ -55,10 +55,12 @@ async def cancel_job(job_id: str, request: Request, server: ServerDep) -> JobSta
 
 @router.get("/{job_id}/events", responses={**error_responses(401, 404), 200: {
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    "description": "`status` once, `progress` after every step, then `result` with the final state"}})
+    "description": "`status` once, `progress` after every step, `preview` as asked (`preview_every`), then "
+                   "`result` with the final state"}})
 async def job_events(job_id: str, request: Request, server: ServerDep) -> StreamingResponse:
     """Server-Sent Events: the job's state now (`status`, without images), one `progress` event per finished
-    step, then `result` with the final state."""
+    step, a `preview` event with each new live preview (a small WebP, base64; the request's `preview_every`),
+    then `result` with the final state."""
     job = _owned(server, request, job_id)
     owner = server.owner(request)
     server.streams.take(owner)
@@ -85,7 +87,7 @@ async def _events(server: Server, job: Job) -> AsyncIterator[str]:
     """The stream's events; it sleeps until the job changes (a comment line every KEEP_ALIVE_S meanwhile, so
     a client that left is noticed). Starlette ends it when its client disconnects."""
     yield _event("status", job_state(server, job).wire(with_result=False))
-    sent = 0
+    sent, previewed = 0, job.preview_step
     while True:
         seen = job.version
         steps = list(job.step_log)
@@ -93,6 +95,10 @@ async def _events(server: Server, job: Job) -> AsyncIterator[str]:
             yield _event("progress", {"id": job.id, "status": "running", "step": step, "steps": total,
                                       "elapsed": round(elapsed, 3), "eta": eta})
         sent = len(steps)
+        preview, step = job.preview, job.preview_step
+        if preview is not None and step != previewed:
+            previewed = step
+            yield _event("preview", {"id": job.id, "step": step, "steps": job.steps, "image": preview})
         if job.done and sent == len(job.step_log):
             yield _event("result", job_state(server, job).wire())
             return

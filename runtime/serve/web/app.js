@@ -1,5 +1,6 @@
 // The sdaot web page: fills the form from /v1/models, /v1/samplers and /v1/style-presets, queues a job
-// (POST /v1/jobs), follows its Server-Sent Events for the progress bar, shows the images, cancels on request.
+// (POST /v1/jobs), follows its Server-Sent Events for the progress bar and the live preview, shows the images,
+// cancels on request.
 // Plain browser JavaScript: no build step. fetch() reads the event stream because EventSource cannot send
 // the Authorization header. URLs are relative, so the page works under any path prefix (--root-path), and
 // text from the server or the user only ever goes into textContent: the page's CSP allows no inline script.
@@ -99,7 +100,8 @@ function requestBody() {
   const body = {
     model_name: $("model").value, prompt: $("prompt").value, width, height,
     steps: Number($("steps").value), cfg_scale: Number($("cfg-scale").value), sampler: $("sampler").value,
-    num_images: Number($("num-images").value), backend: $("backend").value,
+    num_images: Number($("num-images").value), backend: $("backend").value, vae: $("vae").value,
+    deepcache_interval: Number($("deepcache-interval").value), preview_every: Number($("preview-every").value),
   };
   if ($("negative-prompt").value) body.negative_prompt = $("negative-prompt").value;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
@@ -124,6 +126,12 @@ function showProgress(state) {
     if (state.eta != null) text += `, about ${state.eta.toFixed(1)} s left`;
   }
   $("progress-text").textContent = text;
+}
+
+function showPreview(preview) {
+  $("preview").src = `data:image/webp;base64,${preview.image}`;
+  $("preview").title = `step ${preview.step}/${preview.steps}`;
+  $("preview").hidden = false;
 }
 
 function showResult(result) {
@@ -157,6 +165,10 @@ async function follow(id, controller) {
       buffer = buffer.slice(end + 2);
       const name = (block.match(/^event: (.*)$/m) || [])[1];
       const data = JSON.parse((block.match(/^data: (.*)$/m) || [])[1] || "{}");
+      if (name === "preview") {
+        showPreview(data);
+        continue;
+      }
       showProgress(data);
       if (name === "result") return data;
     }
@@ -171,10 +183,14 @@ async function generate(event) {
     const job = await api("v1/jobs", { method: "POST", body: JSON.stringify(requestBody()) });
     current = { id: job.id, controller: new AbortController() };
     $("progress-area").dataset.job = job.id;
+    $("preview").hidden = true;
     $("cancel").disabled = false;
     showProgress(job);
     const final = await follow(job.id, current.controller);
-    if (final && final.status === "succeeded") showResult(final.result);
+    if (final && final.status === "succeeded") {
+      $("preview").hidden = true;
+      showResult(final.result);
+    }
     if (final && final.status === "failed") say(`failed: ${final.error.message}`, true);
     if (final && final.status === "cancelled") say("cancelled");
   } catch (err) {
