@@ -102,9 +102,10 @@ def test_two_replicas_serve_the_same_api_with_its_auth_errors_and_jobs(cluster_u
     assert state["status"] == "succeeded" and state["step"] == state["steps"] >= 4, state
     assert decode(state["result"]["images"][0]["image"]).size == (64, 64)
 
-    slow = httpx.post(f"{cluster_url}/v1/jobs", headers=AUTH, json={**SLOW, "steps": 150}).json()
-    while httpx.get(f"{cluster_url}/v1/jobs/{slow['id']}", headers=AUTH).json().get("step", 0) < 1:
+    slow = httpx.post(f"{cluster_url}/v1/jobs", headers=AUTH, json={**SLOW, "steps": 150, "preview_every": 1}).json()
+    while "preview" not in (running := httpx.get(f"{cluster_url}/v1/jobs/{slow['id']}", headers=AUTH).json()):
         time.sleep(0.1)
+    assert decode(running["preview"]["image"]).size == (256, 256), "the replica's live preview reaches the ingress"
     cancelled = httpx.delete(f"{cluster_url}/v1/jobs/{slow['id']}", headers=AUTH).json()
     assert cancelled["status"] in ("running", "cancelled")
     for _ in range(100):
