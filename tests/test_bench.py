@@ -93,3 +93,31 @@ def test_torch_bf16_is_a_default_backend_beside_openvino_on_bf16_cpus(monkeypatc
     assert default_backends() == ["tvm", "onnxruntime", "openvino", "torch-bf16", "openvino-f32", "torch"]
     monkeypatch.setattr(targets, "host_has_avx512_bf16", lambda: False)
     assert "torch-bf16" not in default_backends()
+
+
+@pytest.mark.slow
+def test_time_to_image_runs_each_recipe_whole_on_sdaot_openvino_and_torch(tmp_path, compiled_root):
+    recipes = "sd15-euler-20-deepcache-3,sd15-lcm-4-tiny-vae,sdxl-turbo-1-tiny-vae"
+    result = CliRunner().invoke(main, ["bench", "--recipes", recipes, "--weights", "tiny", "--resolution", "64x64",
+                                       "--repeat", "1", "--artifacts", str(compiled_root), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "time-to-image-tiny.json").read_text())
+    rows = {(r["recipe"], r["backend"]): r for r in report["rows"]}
+    assert set(rows) == {(n, b) for n in recipes.split(",") for b in ("sdaot", "openvino", "torch")}
+    assert all(r["status"] == "ok" and r["seconds_per_image"] > 0 and r["rss_mb"] > 0 for r in rows.values()), rows
+    deepcache = rows[("sd15-euler-20-deepcache-3", "sdaot")]["networks"]
+    assert deepcache["text_encoder"] == "tvm" and deepcache["vae_decoder"] == "tvm", deepcache
+    assert set(rows[("sd15-lcm-4-tiny-vae", "openvino")]["networks"].values()) == {"openvino"}
+    assert rows[("sd15-lcm-4-tiny-vae", "torch")]["networks"]["vae_decoder_tiny"] == "torch"
+    for (recipe, backend), row in rows.items():
+        assert backend == "torch" or row["psnr_db"] >= 20, row  # held against torch's image of the same seed
+        with Image.open(tmp_path / f"{recipe}-{backend}.png") as image:
+            assert image.size == (64, 64)
+    assert rows[("sd15-lcm-4-tiny-vae", "sdaot")]["psnr_db"] >= 35
+    table = (tmp_path / "time-to-image-tiny.md").read_text()
+    assert "| sdxl-turbo-1-tiny-vae | openvino |" in table and report["machine"] in table
+
+
+def test_time_to_image_names_an_unknown_recipe(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--recipes", "sd15-euler-20,fastest", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown recipe 'fastest'" in result.output and "sd15-lcm-4" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,9 +12,10 @@ from ..resolution import Resolution
 
 
 @click.command()
-@click.option("--model", "model_name", required=True)
+@click.option("--model", "model_name", default=None, help="The model whose networks are timed (not with --recipes).")
 @click.option("--weights", default="random", show_default=True, help="random = full-size architecture.")
-@click.option("--resolution", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option("--resolution", default=None,
+              help="WIDTHxHEIGHT (default: the model's native size; with --recipes, each recipe's own).")
 @click.option("--backends", default=None,
               help="Any of tvm, tvm-bf16 (the --precision bf16 artifact), tvm-untuned, onnxruntime-artifact (the "
                    "runtime's onnxruntime backend), the peers "
@@ -33,12 +35,22 @@ from ..resolution import Resolution
 @click.option("--quality-steps", type=int, default=0, show_default=True,
               help="Also generate one image with these steps on the --artifacts (backend auto) and on torch, and "
                    "report their PSNR against the 35 dB gate (0: skip).")
+@click.option("--recipes", is_flag=False, flag_value="all", default=None,
+              help="Time to image instead: whole images of each recipe (all, or a comma list of "
+                   "sd15-euler-20, sd15-euler-20-deepcache-3, sd15-lcm-4, sd15-lcm-4-tiny-vae, "
+                   "sdxl-turbo-1-tiny-vae) on sdaot (auto, with --artifacts), openvino and torch; --repeat images "
+                   "each after one warm-up.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
               show_default=True)
 def bench(model_name: str, weights: str, resolution: str | None, backends: str | None, components: str, steps: int,
           warmup: int, repeat: int, target: str, artifacts_root: Path | None, profile: bool, quality_steps: int,
-          out_dir: Path) -> None:
+          recipes: str | None, out_dir: Path) -> None:
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
+    if recipes is not None:
+        bench_recipes(recipes, weights, resolution, artifacts_root, repeat, out_dir)
+        return
+    if model_name is None:
+        raise InvalidRequestError("name the --model whose networks to time, or ask for --recipes", param="model")
     try:
         from sdaot.benchmarks.peers import default_backends
         from sdaot.benchmarks.report import markdown
@@ -68,3 +80,27 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str |
                        quality_steps=quality_steps)
     click.echo(markdown(report))
 
+
+
+def bench_recipes(names: str, weights: str, resolution: str | None, artifacts_root: Path | None, repeat: int,
+                  out_dir: Path) -> None:
+    """`--recipes`: whole images of each named recipe on every recipe backend (at `resolution` instead of each
+    recipe's own size, when given)."""
+    try:
+        from sdaot.benchmarks.recipes import RECIPE_NAMES, RECIPES, recipes_markdown, run_recipes
+    except ImportError as exc:
+        raise SdaotError(f"benchmarking needs the bench extra (pip install 'sdaot[bench]'): {exc}") from exc
+    from ..loader import quiet_libraries
+
+    chosen = list(RECIPES) if names == "all" else []
+    for name in ([] if names == "all" else [n.strip() for n in names.split(",") if n.strip()]):
+        if name not in RECIPE_NAMES:
+            raise InvalidRequestError(f"unknown recipe {name!r}; choose from all, {', '.join(RECIPE_NAMES)}",
+                                      param="recipes")
+        chosen.append(RECIPE_NAMES[name])
+    if resolution:
+        chosen = [replace(recipe, size=str(Resolution.parse(resolution))) for recipe in chosen]
+    if not chosen or repeat < 1:
+        raise InvalidRequestError("name at least one recipe, and --repeat >= 1", param="recipes")
+    quiet_libraries()
+    click.echo(recipes_markdown(run_recipes(chosen, weights, artifacts_root, repeat, out_dir, log=click.echo)))

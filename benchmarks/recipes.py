@@ -1,0 +1,214 @@
+"""`sdaot bench --recipes`: time to image. A CPU user counts seconds per finished image, not per UNet call, so
+each recipe (a model, a size and the request fields that make it fast or slow) is timed whole: text encoders,
+every sampler step and the decoder, through the same pipeline and the same diffusers scheduler.
+
+Each recipe runs on three backends, one after the other, each in a fresh pipeline that is dropped before the
+next (a compiled UNet holds its own copy of the weights):
+- `sdaot`: the request's `backend: auto`, on the artifacts under --artifacts (torch where none fits);
+- `openvino`: every network the recipe calls is a plain ONNX export run by OpenVINO at its default precision
+  (peers.py), the rest of the pipeline unchanged;
+- `torch`: eager torch, the reference: every other backend's image is held against torch's (PSNR).
+
+A row is the median of `repeat` images after one warm-up image (which builds or loads everything), the
+process's RSS after them, and the PSNR of its image against torch's of the same recipe and seed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from PIL import Image
+
+from sdaot.runtime.artifacts import resolution_key
+from sdaot.runtime.component_table import COMPONENTS, example_inputs
+from sdaot.runtime.components import Component, TorchComponent
+from sdaot.runtime.pipeline import Pipeline
+from sdaot.runtime.planning import Plan
+from sdaot.runtime.registry import get_model
+from sdaot.runtime.request import parse_request
+from sdaot.runtime.weights import ModelBundle, load_weights
+
+from .peers import load_peer
+from .report import machine_line
+from .runner import QUALITY_GATE_DB, QUALITY_PROMPT, image_psnr
+
+RECIPE_BACKENDS = ("sdaot", "openvino", "torch")
+"""The backends every recipe runs on; torch last, as the reference the others are held against."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of making an image: a model at a size, and the request fields that choose the work."""
+
+    name: str
+    model: str
+    size: str
+    fields: dict[str, Any]
+
+
+RECIPES = (
+    Recipe("sd15-euler-20", "SD1.5", "512x512", {"sampler": "Euler", "steps": 20}),
+    Recipe("sd15-euler-20-deepcache-3", "SD1.5", "512x512", {"sampler": "Euler", "steps": 20,
+                                                             "deepcache_interval": 3}),
+    Recipe("sd15-lcm-4", "SD1.5", "512x512", {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0}),
+    Recipe("sd15-lcm-4-tiny-vae", "SD1.5", "512x512", {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0,
+                                                       "vae": "tiny"}),
+    Recipe("sdxl-turbo-1-tiny-vae", "SDXL-turbo", "512x512", {"steps": 1, "cfg_scale": 0.0, "vae": "tiny"}),
+)
+"""The recipes of issue 24. LCM runs without its LoRA: a merged LoRA changes the weights' values, not the work."""
+
+RECIPE_NAMES = {recipe.name: recipe for recipe in RECIPES}
+
+
+@dataclass
+class RecipeRow:
+    """One recipe on one backend."""
+
+    recipe: str
+    backend: str
+    status: str
+    seconds_per_image: float | None = None
+    runs: list[float] = field(default_factory=list)
+    first_image_s: float | None = None
+    rss_mb: float | None = None
+    psnr_db: float | None = None
+    networks: dict[str, str] = field(default_factory=dict)
+    ratio_to_fastest_peer: float | None = None
+
+
+class PeerPipeline(Pipeline):
+    """The pipeline with every network the plan calls run by a peer runtime (`openvino`): a plain export of
+    the torch module at the plan's shapes, built on first use and kept for the plan's shapes."""
+
+    def __init__(self, bundle: ModelBundle, peer: str) -> None:
+        super().__init__(bundle)
+        self.peer = peer
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"sdaot-recipe-{peer}-"))
+        self._exports: dict[int, Path] = {}
+        self._built: dict[tuple[str, str, int], PeerComponent] = {}
+
+    def components(self, plan: Plan) -> dict[str, Component]:
+        """What torch would run for this plan, each network swapped for its peer build."""
+        chosen = super().components(plan)
+        modules = {name: c.module for name, c in chosen.items() if isinstance(c, TorchComponent)}
+        return {name: self._peer(name, modules, plan) for name in chosen}
+
+    def _peer(self, name: str, modules: dict[str, torch.nn.Module], plan: Plan) -> PeerComponent:
+        spec = COMPONENTS[name]
+        resolution = None if spec.size_free else plan.resolution
+        rows = spec.batch.rows(len(plan.seeds), plan.do_cfg)
+        key = (name, resolution_key(resolution), rows)
+        if key not in self._built:
+            inputs = example_inputs(self.bundle, name, resolution, rows, modules)
+            self._built[key] = PeerComponent(self.peer, load_peer(self.peer, modules[name], inputs, self.scratch,
+                                                                  self._exports))
+        return self._built[key]
+
+
+@dataclass
+class PeerComponent:
+    """A peer runtime's build of one network, called as the pipeline calls its components."""
+
+    backend: str
+    run: Callable[..., tuple[torch.Tensor, ...]]
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(*inputs)
+
+
+def recipe_pipeline(bundle: ModelBundle, backend: str, artifacts_root: Path | None) -> Pipeline:
+    """A fresh pipeline for one backend's rows."""
+    if backend == "openvino":
+        return PeerPipeline(bundle, "openvino")
+    return Pipeline(bundle, artifacts_root=artifacts_root if backend == "sdaot" else None)
+
+
+def time_recipe(pipe: Pipeline, recipe: Recipe, backend: str, repeat: int,
+                log: Callable[[str], None]) -> tuple[RecipeRow, Image.Image | None]:
+    """One warm-up image, then `repeat` timed ones (wall time of the whole generation); the row and its image."""
+    width, height = (int(side) for side in recipe.size.split("x"))
+    request = parse_request({"model_name": recipe.model, "prompt": QUALITY_PROMPT, "width": width,
+                             "height": height, "seed": 0, "backend": "torch" if backend == "torch" else "auto",
+                             **recipe.fields})
+    try:
+        start = time.perf_counter()
+        result = pipe.generate(request)
+        first = time.perf_counter() - start
+        runs = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = pipe.generate(request)
+            runs.append(time.perf_counter() - start)
+    except Exception as exc:  # a backend that cannot run a recipe is reported in its row; the others go on
+        return RecipeRow(recipe.name, backend, " ".join(f"failed: {type(exc).__name__}: {exc}".split())[:300]), None
+    row = RecipeRow(recipe.name, backend, "ok", round(statistics.median(runs), 3), [round(r, 3) for r in runs],
+                    round(first, 2), round(psutil.Process().memory_info().rss / 2**20), networks=dict(result.backends))
+    log(f"  {recipe.name} on {backend}: {row.seconds_per_image:.2f} s per image (first {row.first_image_s:.1f} s)")
+    return row, result.images[0]
+
+
+def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None, repeat: int, out_dir: Path,
+                log: Callable[[str], None] = print) -> dict:
+    """Every recipe on every backend; JSON and Markdown into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[RecipeRow] = []
+    bundles: dict[str, ModelBundle] = {}
+    for recipe in recipes:
+        if recipe.model not in bundles:
+            bundles.clear()
+            gc.collect()
+            bundles[recipe.model] = load_weights(get_model(recipe.model), weights)
+        images: dict[str, Image.Image] = {}
+        mine = []
+        for backend in RECIPE_BACKENDS:
+            log(f"{recipe.name} on {backend} ...")
+            pipe = recipe_pipeline(bundles[recipe.model], backend, artifacts_root)
+            row, image = time_recipe(pipe, recipe, backend, repeat, log)
+            del pipe
+            gc.collect()
+            if image is not None:
+                images[backend] = image
+                image.save(out_dir / f"{recipe.name}-{backend}.png")
+            mine.append(row)
+        for row in mine:
+            if row.backend in images and "torch" in images:
+                row.psnr_db = round(min(image_psnr(images[row.backend], images["torch"]), 99.0), 2)
+        peers = [r.seconds_per_image for r in mine if r.backend != "sdaot" and r.seconds_per_image]
+        for row in mine:
+            if row.seconds_per_image and peers:
+                row.ratio_to_fastest_peer = round(min(peers) / row.seconds_per_image, 3)
+        rows.extend(mine)
+    report = {"weights": weights, "repeat": repeat, "machine": machine_line(), "gate_db": QUALITY_GATE_DB,
+              "prompt": QUALITY_PROMPT, "recipes": {r.name: asdict(r) for r in recipes},
+              "rows": [asdict(r) for r in rows]}
+    (out_dir / f"time-to-image-{weights}.json").write_text(json.dumps(report, indent=2))
+    (out_dir / f"time-to-image-{weights}.md").write_text(recipes_markdown(report))
+    return report
+
+
+def recipes_markdown(report: dict) -> str:
+    """The time-to-image table: seconds per image per recipe and backend, sdaot's speed-up over the fastest
+    peer, RSS and PSNR against torch."""
+    lines = [f"### Time to image ({report['weights']} weights)", "",
+             f"Machine: {report['machine']}. One warm-up image, then the median of {report['repeat']}.", "",
+             "| recipe | backend | s per image | fastest peer / this | RSS MB | PSNR vs torch dB | first image s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['recipe']} | {row['backend']} | {row['status']} | | | | |")
+            continue
+        ratio = f"{row['ratio_to_fastest_peer']:.2f}x" if row["ratio_to_fastest_peer"] else ""
+        psnr = "" if row["backend"] == "torch" or row["psnr_db"] is None else f"{row['psnr_db']:.1f}"
+        lines.append(f"| {row['recipe']} | {row['backend']} | {row['seconds_per_image']:.2f} | {ratio} | "
+                     f"{row['rss_mb']} | {psnr} | {row['first_image_s']:.1f} |")
+    return "\n".join(lines) + "\n"
