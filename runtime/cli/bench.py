@@ -37,9 +37,9 @@ from ..resolution import Resolution
                    "report their PSNR against the 35 dB gate (0: skip).")
 @click.option("--recipes", is_flag=False, flag_value="all", default=None,
               help="Time to image instead: whole images of each recipe (all, or a comma list of "
-                   "sd15-euler-20, sd15-euler-20-deepcache-3, sd15-lcm-4, sd15-lcm-4-tiny-vae, "
+                   "sd15-euler-20, sd15-euler-20-deepcache-2/-3/-5, sd15-lcm-4, sd15-lcm-4-tiny-vae, "
                    "sdxl-turbo-1-tiny-vae) on sdaot (auto, with --artifacts), openvino and torch; --repeat images "
-                   "each after one warm-up.")
+                   "each after a 2-step warm-up.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
               show_default=True)
 def bench(model_name: str, weights: str, resolution: str | None, backends: str | None, components: str, steps: int,
