@@ -95,6 +95,10 @@ def test_options_switch_the_model_per_key(server):
     assert overridden.info["sd_model_name"] == "SDXL1.0-base"
     resp = mine.session.post(f"{mine.baseurl}/options", json={"sd_model_checkpoint": "SDXL-turbo"})
     assert resp.status_code == 404 and "sd_model_checkpoint" in resp.json()["detail"]
+    resp = mine.session.post(f"{mine.baseurl}/options", json={"show_progress_every_n_steps": "often"})
+    assert resp.status_code == 422 and resp.json()["detail"].startswith("show_progress_every_n_steps:")
+    resp = mine.session.post(f"{mine.baseurl}/txt2img", json={"override_settings": {"sd_model_checkpoint": 1}})
+    assert resp.status_code == 422 and "override_settings.sd_model_checkpoint" in resp.json()["detail"]
     mine.set_options({"sd_model_checkpoint": "SD1.5"})
 
 
@@ -130,9 +134,10 @@ def test_progress_and_interrupt(server):
     assert other.get_progress()["state"]["job_count"] == 0  # another key sees nothing of it
     other.interrupt()
     assert client.get_progress()["state"]["interrupted"] is False
+    interrupted = time.time()
     client.interrupt()
     thread.join(timeout=30)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and time.time() - interrupted < 10
     result = outcome["result"]
     assert result.images == [] and result.info["interrupted"] is True
     assert client.get_progress()["state"]["job_count"] == 0
@@ -148,7 +153,7 @@ def test_progress_shows_a_live_preview(server):
     outcome: dict = {}
     thread = _long_txt2img(client, outcome)
     try:
-        progress = _wait_for(client, lambda p: p["current_image"] is not None, timeout_s=20)
+        progress = _wait_for(client, lambda p: p["current_image"] is not None, timeout_s=10)
         preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
         assert preview.format == "WEBP"
     finally:

@@ -17,6 +17,24 @@ DEFAULT_PREVIEW_EVERY = 10
 """A1111's default `show_progress_every_n_steps`."""
 
 
+class OverrideSettings(BaseModel):
+    """`override_settings`: options for this request only; the model is the one read, others are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = None
+
+
+class OptionsUpdate(BaseModel):
+    """POST /sdapi/v1/options: the options read here (per API key); A1111's others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(default=None, description="A served model's title")
+    show_progress_every_n_steps: int | None = Field(default=None, ge=-1, le=MAX_STEPS,
+                                                    description="Live preview period in steps (0 or -1: none)")
+
+
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img, with A1111's defaults. `sampler_name` wins over the older `sampler_index`;
     `scheduler` (A1111 1.9+) picks Karras sigmas; `seed` -1 is random; batch_size * n_iter images in all."""
@@ -35,7 +53,7 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
     batch_size: int = Field(default=1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(default=1, ge=1, le=MAX_IMAGES)
-    override_settings: dict[str, Any] | None = None
+    override_settings: OverrideSettings | None = None
     send_images: bool = True
     save_images: bool = False
 
@@ -92,6 +110,15 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None = None
     textinfo: str | None = None
+
+
+class A1111ErrorBody(BaseModel):
+    """A1111's error shape, for every 4xx and 5xx answer of /sdapi/."""
+
+    error: str = Field(description="The kind of error")
+    detail: str = Field(description="What is wrong, naming the field at fault first")
+    body: str
+    errors: str
 
 
 def a1111_error_content(status: int, message: str, param: str | None = None,

@@ -62,6 +62,21 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
 
 
+class OpenAIError(BaseModel):
+    """The inside of OpenAI's error shape."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape, for every 4xx and 5xx answer of /v1/images/."""
+
+    error: OpenAIError
+
+
 def openai_error_content(status: int, message: str, param: str | None = None,
                          kind: str | None = None) -> dict[str, object]:
     """OpenAI's error shape: {"error": {message, type, param, code}}; `code` is null as in most of OpenAI's."""

@@ -12,28 +12,30 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ... import __version__
 from ...errors import InvalidRequestError, SdaotError
 from ...lora import available_loras, lora_dir
 from ...pipeline import Plan
-from ...request import MAX_STEPS
 from ...samplers import A1111_SAMPLERS, A1111_SCHEDULERS, get_a1111_sampler
 from ..a1111_protocol import (
     DEFAULT_PREVIEW_EVERY,
+    A1111ErrorBody,
     A1111Response,
     Img2ImgRequest,
+    OptionsUpdate,
     ProgressResponse,
     ProgressState,
     Txt2ImgRequest,
 )
 from ..generation_queue import Job
-from ..protocol import ApiGenerationRequest, GenerationResponse
+from ..protocol import ApiGenerationRequest, GenerationResponse, error_responses
 from ..serving import Server, ServerDep, plan_request, served_pipeline, wait_sync
 
-router = APIRouter(prefix="/sdapi/v1")
+router = APIRouter(prefix="/sdapi/v1", responses=error_responses(401, model=A1111ErrorBody))
+GENERATION_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504, model=A1111ErrorBody)
 FIELD_NAMES = {"model_name": "sd_model_checkpoint", "image": "init_images", "strength": "denoising_strength",
                "num_images": "batch_size", "sampler": "sampler_name"}
 """The A1111 field that a planner error's field (the reference's name) came from."""
@@ -69,14 +71,14 @@ def get_state(request: Request) -> A1111State:
 StateDep = Annotated[A1111State, Depends(get_state)]
 
 
-@router.post("/txt2img", response_model=A1111Response)
+@router.post("/txt2img", response_model=A1111Response, responses=GENERATION_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request, server: ServerDep,
                   state: StateDep) -> A1111Response | JSONResponse:
     """Generate batch_size * n_iter images from a prompt."""
     return await _generate(body, request, server, state)
 
 
-@router.post("/img2img", response_model=A1111Response)
+@router.post("/img2img", response_model=A1111Response, responses=GENERATION_ERRORS)
 async def img2img(body: Img2ImgRequest, request: Request, server: ServerDep,
                   state: StateDep) -> A1111Response | JSONResponse:
     """Generate from the first init image, changed by denoising_strength."""
@@ -92,7 +94,7 @@ async def _generate(body: Txt2ImgRequest, request: Request, server: Server, stat
     A1111 does."""
     owner = server.owner(request)
     options = state.options_of(owner, server)
-    override = (body.override_settings or {}).get("sd_model_checkpoint")
+    override = body.override_settings and body.override_settings.sd_model_checkpoint
     pipe = served_pipeline(server, override or options["sd_model_checkpoint"],
                            "override_settings.sd_model_checkpoint" if override else "sd_model_checkpoint")
     sampler_name, karras, sampler = get_a1111_sampler(body.sampler_name or body.sampler_index, body.scheduler)
@@ -101,7 +103,7 @@ async def _generate(body: Txt2ImgRequest, request: Request, server: Server, stat
         model_name=pipe.spec.name, prompt=body.prompt, negative_prompt=body.negative_prompt or None,
         sampler=sampler.name, steps=body.steps, cfg_scale=body.cfg_scale, width=body.width, height=body.height,
         seed=None if body.seed == -1 else body.seed, num_images=body.images,
-        preview_every=min(max(options["show_progress_every_n_steps"], 0), MAX_STEPS), **fields)
+        preview_every=max(options["show_progress_every_n_steps"], 0), **fields)
     try:
         pipe, plan = await plan_request(server, reference)
     except SdaotError as exc:
@@ -147,7 +149,7 @@ def _info(body: Txt2ImgRequest, plan: Plan, model: str, sampler_name: str, karra
         "interrupted": interrupted, "version": f"sdaot {__version__}"})
 
 
-@router.get("/progress", response_model=ProgressResponse)
+@router.get("/progress", response_model=ProgressResponse, responses=error_responses(422, model=A1111ErrorBody))
 async def progress(request: Request, server: ServerDep, state: StateDep,
                    skip_current_image: bool = False) -> ProgressResponse:
     """This key's current A1111 generation: fraction done, seconds left, steps, and the latest live preview
@@ -180,22 +182,16 @@ async def get_options(request: Request, server: ServerDep, state: StateDep) -> d
             "live_previews_enable": True, "live_previews_image_format": "webp", "samples_format": "png"}
 
 
-@router.post("/options")
-async def set_options(options: Annotated[dict[str, Any], Body()], request: Request, server: ServerDep,
-                      state: StateDep) -> bool:
+@router.post("/options", responses=error_responses(400, 401, 404, 413, 422, 503, model=A1111ErrorBody))
+async def set_options(options: OptionsUpdate, request: Request, server: ServerDep, state: StateDep) -> bool:
     """Set this key's `sd_model_checkpoint` (a served model) and `show_progress_every_n_steps` (0 or -1:
     no previews); other A1111 options are accepted and ignored."""
     chosen: dict[str, Any] = {}
-    if "sd_model_checkpoint" in options:
-        name = options["sd_model_checkpoint"]
-        if not isinstance(name, str):
-            raise InvalidRequestError("must be a model name", param="sd_model_checkpoint")
-        chosen["sd_model_checkpoint"] = served_pipeline(server, name, "sd_model_checkpoint").spec.name
-    if "show_progress_every_n_steps" in options:
-        every = options["show_progress_every_n_steps"]
-        if not isinstance(every, int) or isinstance(every, bool) or every < -1:
-            raise InvalidRequestError("must be an integer >= -1", param="show_progress_every_n_steps")
-        chosen["show_progress_every_n_steps"] = every
+    if options.sd_model_checkpoint is not None:
+        chosen["sd_model_checkpoint"] = served_pipeline(server, options.sd_model_checkpoint,
+                                                        "sd_model_checkpoint").spec.name
+    if options.show_progress_every_n_steps is not None:
+        chosen["show_progress_every_n_steps"] = options.show_progress_every_n_steps
     owner = server.owner(request)
     state.options[owner] = {**state.options.get(owner, {}), **chosen}
     return True

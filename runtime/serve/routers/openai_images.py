@@ -9,14 +9,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ...errors import InvalidRequestError
-from ..openai_protocol import ImageData, ImageGenerationRequest, ImagesResponse
-from ..protocol import ApiGenerationRequest, GenerationResponse
+from ..openai_protocol import ImageData, ImageGenerationRequest, ImagesResponse, OpenAIErrorBody
+from ..protocol import ApiGenerationRequest, GenerationResponse, error_responses
 from ..serving import ServerDep, plan_request, served_pipeline, wait_sync
 
 router = APIRouter(prefix="/v1/images")
 
 
-@router.post("/generations", response_model=ImagesResponse)
+@router.post("/generations", response_model=ImagesResponse,
+             responses=error_responses(400, 401, 404, 413, 429, 499, 503, 504, model=OpenAIErrorBody))
 async def generations(body: ImageGenerationRequest, request: Request,
                       server: ServerDep) -> ImagesResponse | JSONResponse:
     """Generate `n` PNG images of `size` with a served `model` (default: the first served), as OpenAI's
