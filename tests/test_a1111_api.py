@@ -12,6 +12,9 @@ import webuiapi
 from PIL import Image
 from test_server import KEY, start_server
 
+from sdaot.runtime.errors import InvalidRequestError
+from sdaot.runtime.samplers import A1111_SAMPLERS, get_a1111_sampler
+
 OTHER_KEY = "other-key-456"
 
 
@@ -171,3 +174,15 @@ def test_auth(server):
     assert httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.get(url, auth=("", KEY)).status_code == 200
     assert httpx.get(f"{server}/v1/models", auth=("anyone", KEY)).status_code == 401  # Basic: /sdapi/ only
+
+
+def test_every_a1111_sampler_name_runs_a_sampler_of_the_table():
+    for name, entry in A1111_SAMPLERS.items():
+        assert get_a1111_sampler(name, "automatic")[2].name == (entry.karras if entry.karras_by_default
+                                                                else entry.plain)
+        assert get_a1111_sampler(entry.alias, "uniform")[2].name == entry.plain
+        if entry.karras:
+            assert get_a1111_sampler(f"{name} Karras", None)[2].name == entry.karras
+    with pytest.raises(InvalidRequestError) as caught:
+        get_a1111_sampler("Euler a", "exponential")
+    assert caught.value.param == "scheduler" and "karras" in caught.value.message
