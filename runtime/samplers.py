@@ -87,3 +87,63 @@ def make_scheduler(sampler: SamplerSpec, base_config: dict[str, Any], seed: int 
     if sampler.scheduler == "DPMSolverSDEScheduler" and seed is not None:
         options["noise_sampler_seed"] = seed
     return cls.from_config(base_config, **options)
+
+
+@dataclass(frozen=True)
+class A1111Sampler:
+    """An AUTOMATIC1111 sampler name (1.9+, where the sigma schedule is the separate `scheduler`): the sampler
+    it runs here on A1111's plain schedule, the one with Karras sigmas (None: no such variant), and whether
+    A1111's `automatic` scheduler picks Karras for it."""
+
+    alias: str
+    plain: str
+    karras: str | None = None
+    karras_by_default: bool = False
+
+
+# A1111's names of the schedulers diffusers offers; its others (DPM++ 2S a, DPM++ 3M SDE, DPM fast,
+# DPM adaptive, Restart, DDIM CFG++) have no diffusers scheduler and are not served.
+A1111_SAMPLERS: dict[str, A1111Sampler] = {
+    "DPM++ 2M": A1111Sampler("k_dpmpp_2m", "DPM++ 2M", "DPM++ 2M Karras", karras_by_default=True),
+    "DPM++ SDE": A1111Sampler("k_dpmpp_sde", "DPM SDE", "DPM SDE Karras", karras_by_default=True),
+    "DPM++ 2M SDE": A1111Sampler("k_dpmpp_2m_sde", "DPM++ 2M SDE", "DPM++ 2M SDE Karras"),
+    "DPM++ 2M SDE Heun": A1111Sampler("k_dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Karras"),
+    "Euler a": A1111Sampler("k_euler_a", "Euler a"),
+    "Euler": A1111Sampler("k_euler", "Euler"),
+    "LMS": A1111Sampler("k_lms", "LMS", "LMS Karras"),
+    "Heun": A1111Sampler("k_heun", "Heun"),
+    "DPM2": A1111Sampler("k_dpm_2", "DPM2", "DPM2 Karras", karras_by_default=True),
+    "DPM2 a": A1111Sampler("k_dpm_2_a", "DPM2 a", "DPM2 a Karras", karras_by_default=True),
+    "DDIM": A1111Sampler("ddim", "DDIM"),
+    "PLMS": A1111Sampler("plms", "PNDM"),
+    "UniPC": A1111Sampler("unipc", "UniPC 2M"),
+    "LCM": A1111Sampler("k_lcm", "LCM"),
+}
+A1111_SCHEDULERS: dict[str, bool | None] = {"automatic": None, "uniform": False, "karras": True}
+"""A1111's `scheduler` names served: Karras sigmas or not (None: the sampler's default)."""
+
+
+def get_a1111_sampler(name: str, scheduler: str | None) -> tuple[str, bool, SamplerSpec]:
+    """The A1111 sampler `name` (1.9+ name or alias, or an older `<name> Karras`) under `scheduler`: its 1.9+
+    name, whether it runs with Karras sigmas, and the sampler that runs it. Unknown names list the valid ones,
+    naming the A1111 field at fault."""
+    schedule = _fold(scheduler or "automatic")
+    if schedule not in A1111_SCHEDULERS:
+        raise InvalidRequestError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(A1111_SCHEDULERS)}",
+                                  param="scheduler")
+    folded = _fold(name)
+    karras_named = folded.endswith(" karras")
+    base = folded.removesuffix(" karras")
+    found = next((n for n, s in A1111_SAMPLERS.items() if base in (_fold(n), _fold(s.alias))), None)
+    if found is None:
+        raise InvalidRequestError(f"unknown sampler {name!r}; valid sampler_name values: "
+                                  f"{', '.join(A1111_SAMPLERS)} (with scheduler Karras or a ' Karras' suffix where "
+                                  "offered)", param="sampler_name")
+    entry = A1111_SAMPLERS[found]
+    wanted = A1111_SCHEDULERS[schedule]
+    karras = karras_named or (entry.karras_by_default if wanted is None else wanted)
+    if karras and entry.karras is None:
+        if karras_named or wanted:
+            raise InvalidRequestError(f"sampler {found!r} has no Karras variant here", param="scheduler")
+        karras = False
+    return found, karras, SAMPLERS[entry.karras if karras else entry.plain]

@@ -75,9 +75,10 @@ ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for these error statuses, all with the ErrorBody schema."""
-    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+def error_responses(*codes: int, model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for these error statuses, all with the error schema `model` (the reference
+    API's unless a dialect's routes give theirs)."""
+    return {code: {"model": model, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 class GeneratedImage(BaseModel):

@@ -5,9 +5,13 @@ webhook) is kept here, beside the job (`HttpDelivery`), not in the queue."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +22,16 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidRequestError, NotFoundError, SdaotError, ServiceUnavailableError
+from ..errors import BusyError, InvalidRequestError, NotFoundError, SdaotError, ServiceUnavailableError
 from ..images import decode_image, encode_image
 from ..pipeline import GenerationResult, Pipeline, Plan
 from ..registry import get_model
 from ..request import parse_request
 from ..weights import BUILT_IN_SOURCES
-from .generation_queue import GenerationQueue, Job, owner_of
+from .a1111_protocol import A1111_PREFIX
+from .access import route_path
+from .error_shapes import error_body
+from .generation_queue import Cancelled, GenerationQueue, Job, owner_of
 from .protocol import (
     ApiGenerationRequest,
     ErrorBody,
@@ -33,14 +40,14 @@ from .protocol import (
     JobState,
     LivePreview,
     OutputFormat,
-    error_content,
     error_shape,
 )
 from .streams import StreamLimit
 from .webhooks import WebhookSender
 
 log = logging.getLogger("sdaot.server")
-COUNTED_PATHS = ("/v1/image", "/v1/jobs")
+COUNTED_PATHS = ("/v1/image", "/v1/jobs", "/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+"""Prefixes of the generation routes whose answers are counted (`/v1/image` covers OpenAI's `/v1/images/`)."""
 
 
 @dataclass
@@ -99,11 +106,6 @@ def load_served_pipeline(name: str, config: ServerConfig) -> Pipeline:
                          tiny_vae_folder=config.tiny_vae_folder)
 
 
-def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
-    """The reference API's error shape as an HTTP answer."""
-    return JSONResponse(error_content(status, message, param, kind), status_code=status)
-
-
 class Server:
     """The app state: pipelines, the generation queue and the metrics. `open_pipeline` makes the pipeline of a
     served model (by default loaded here; under Ray Serve a stand-in for the model's replicas)."""
@@ -147,6 +149,11 @@ class Server:
             self.load_error = f"cannot load models: {reason}"
             log.error("cannot load models: %s", exc)
 
+    @property
+    def default_model(self) -> str:
+        """The model of a request that names none (OpenAI's and A1111's APIs): the first configured."""
+        return get_model(self.config.models[0]).name
+
     def count_answer(self, path: str, status: int) -> None:
         """Count an answer of the generation and jobs routes (router path `path`) by status."""
         if path.startswith(COUNTED_PATHS):
@@ -164,36 +171,51 @@ class Server:
         return HttpDelivery(self, output_format, webhook_url)
 
     def owner(self, request: Request) -> str:
-        """Whose work a request creates or may see: the hash of its API key."""
-        return owner_of(_bearer_token(request) if self.config.api_keys else None)
+        """Whose work a request creates or may see: the hash of its API key (the same however it was sent)."""
+        return owner_of(_api_key(request) if self.config.api_keys else None)
 
     def authorized(self, request: Request) -> bool:
-        """Bearer key check in constant time; open when no keys are configured (loopback only)."""
+        """Key check in constant time; open when no keys are configured (loopback only)."""
         if not self.config.api_keys:
             return True
-        token = _bearer_token(request)
+        token = _api_key(request)
         if token is None:
             return False
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in self.config.api_keys]
         return any(matches)
 
 
-def _bearer_token(request: Request) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header, or None."""
+def _api_key(request: Request) -> str | None:
+    """The key a request presents: `Authorization: Bearer <key>`, or on the AUTOMATIC1111 routes, whose
+    clients send A1111's `--api-auth` credentials, the password of HTTP Basic auth (the user name is ignored)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token if scheme.lower() == "bearer" else None
+    if scheme.lower() == "bearer":
+        return token
+    if scheme.lower() == "basic" and route_path(request.scope).startswith(A1111_PREFIX):
+        try:
+            return base64.b64decode(token, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+def served_pipeline(server: Server, name: str, param: str = "model_name") -> Pipeline:
+    """The pipeline serving model `name`: 503 while loading, 404 for a model not served here (naming `param`,
+    the field the name came from), raised as SdaotError."""
+    if not server.ready.is_set():
+        raise ServiceUnavailableError(server.load_error or "models are still loading")
+    spec = get_model(name, param)
+    pipe = server.pipelines.get(spec.name)
+    if pipe is None:
+        raise NotFoundError(f"model {spec.name} is not served here; served: {', '.join(server.pipelines)}",
+                            param=param)
+    return pipe
 
 
 async def plan_request(server: Server, body: ApiGenerationRequest) -> tuple[Pipeline, Plan]:
     """The served pipeline of the body's model and the planned request: 503 while loading, 404 for a model
     not served here, 400/422 for bad fields (raised as SdaotError)."""
-    if not server.ready.is_set():
-        raise ServiceUnavailableError(server.load_error or "models are still loading")
-    spec = get_model(body.model_name)
-    pipe = server.pipelines.get(spec.name)
-    if pipe is None:
-        raise NotFoundError(f"model {spec.name} is not served here; served: {', '.join(server.pipelines)}",
-                            param="model_name")
+    pipe = served_pipeline(server, body.model_name)
     fields = body.model_dump(exclude={"output_format", "webhook_url"}, exclude_none=True)
     if body.image is not None:
         for side in ("height", "width"):
@@ -209,6 +231,39 @@ def _prepare(pipe: Pipeline, fields: dict[str, Any], max_pixels: int) -> Plan:
         if key in fields:
             fields[key] = decode_image(fields[key], key, max_pixels)
     return pipe.plan(parse_request(fields))
+
+
+async def wait_sync(server: Server, request: Request, job: Job | None) -> JSONResponse | None:
+    """Wait for a synchronous request's job (None: it was not admitted, 429), cancelling it if its client
+    leaves: None once it has succeeded (its answer is in `job.answer`), else the error answer, shaped for the
+    route: 504 past the server's time limit, 499 if the client left, 504 if it was cancelled otherwise. A
+    failed generation raises its error."""
+    if job is None:
+        raise BusyError("the server is busy: every worker and queue slot is taken; retry later, or POST the "
+                        "request to /v1/jobs (the reference body) to wait in the job queue")
+    path = route_path(request.scope)
+    start = time.perf_counter()
+    watcher = asyncio.ensure_future(_cancel_when_client_leaves(request, server, job))
+    try:
+        await server.queue.outcome(job, server.config.timeout_s)
+    except asyncio.TimeoutError:
+        return error_body(504, f"generation took longer than {server.config.timeout_s:.0f} s and was cancelled",
+                          path=path)
+    except Cancelled:
+        return error_body(499 if await request.is_disconnected() else 504, "generation cancelled", path=path)
+    finally:
+        watcher.cancel()
+    server.latency.observe(time.perf_counter() - start)
+    return None
+
+
+async def _cancel_when_client_leaves(request: Request, server: Server, job: Job) -> None:
+    """Drop queued or running work of a client that went away."""
+    while not job.done:
+        if await request.is_disconnected():
+            server.queue.cancel(job)
+            return
+        await asyncio.sleep(0.5)
 
 
 def generation_response(result: GenerationResult, model_name: str, output_format: OutputFormat) -> GenerationResponse:

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..error_shapes import error_body
 from ..protocol import error_responses
-from ..serving import ServerDep, error_body
+from ..serving import ServerDep
 
 router = APIRouter()
 
