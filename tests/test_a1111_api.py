@@ -146,10 +146,6 @@ def test_progress_and_interrupt(server):
     assert client.get_progress()["state"]["job_count"] == 0
 
 
-# Live previews (job.preview) are produced by the pipeline's preview support; until that is merged into this
-# branch no preview ever appears, hence the (non-strict) xfail.
-@pytest.mark.xfail(reason="job.preview is filled in by the pipeline's live previews (not on this branch yet)",
-                   strict=False)
 def test_progress_shows_a_live_preview(server):
     client = api(server)
     client.set_options({"show_progress_every_n_steps": 1})
