@@ -158,14 +158,18 @@ def time_recipe(pipe: Pipeline, recipe: Recipe, backend: str, repeat: int,
         return RecipeRow(recipe.name, backend, " ".join(f"failed: {type(exc).__name__}: {exc}".split())[:300]), None
     row = RecipeRow(recipe.name, backend, "ok", round(statistics.median(runs), 3), [round(r, 3) for r in runs],
                     round(setup, 2), round(psutil.Process().memory_info().rss / 2**20), networks=dict(result.backends))
-    log(f"  {recipe.name} on {backend}: {row.seconds_per_image:.2f} s per image (warm-up {row.setup_s:.1f} s)")
+    log(f"  {recipe.name} on {backend}: {row.seconds_per_image:.2f} s per image (warm-up {row.setup_s:.1f} s), "
+        f"RSS {row.rss_mb} MB")
     return row, result.images[0]
 
 
 def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None, repeat: int, out_dir: Path,
                 log: Callable[[str], None] = print) -> dict:
-    """Every recipe on every backend; JSON and Markdown into out_dir."""
+    """Every recipe on every backend; JSON and Markdown into out_dir, written again after each recipe (a run
+    killed part way, say for memory, keeps what it measured)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"weights": weights, "repeat": repeat, "machine": machine_line(), "gate_db": QUALITY_GATE_DB,
+              "prompt": QUALITY_PROMPT, "recipes": {r.name: asdict(r) for r in recipes}, "rows": []}
     rows: list[RecipeRow] = []
     bundles: dict[str, ModelBundle] = {}
     for recipe in recipes:
@@ -193,11 +197,9 @@ def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None
             if row.seconds_per_image and peers:
                 row.ratio_to_fastest_peer = round(min(peers) / row.seconds_per_image, 3)
         rows.extend(mine)
-    report = {"weights": weights, "repeat": repeat, "machine": machine_line(), "gate_db": QUALITY_GATE_DB,
-              "prompt": QUALITY_PROMPT, "recipes": {r.name: asdict(r) for r in recipes},
-              "rows": [asdict(r) for r in rows]}
-    (out_dir / f"time-to-image-{weights}.json").write_text(json.dumps(report, indent=2))
-    (out_dir / f"time-to-image-{weights}.md").write_text(recipes_markdown(report))
+        report["rows"] = [asdict(r) for r in rows]
+        (out_dir / f"time-to-image-{weights}.json").write_text(json.dumps(report, indent=2))
+        (out_dir / f"time-to-image-{weights}.md").write_text(recipes_markdown(report))
     return report
 
 
