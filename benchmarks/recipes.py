@@ -164,12 +164,13 @@ def time_recipe(pipe: Pipeline, recipe: Recipe, backend: str, repeat: int,
 
 
 def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None, repeat: int, out_dir: Path,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, backends: tuple[str, ...] = RECIPE_BACKENDS) -> dict:
     """Every recipe on every backend; JSON and Markdown into out_dir, written again after each recipe (a run
     killed part way, say for memory, keeps what it measured)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"weights": weights, "repeat": repeat, "machine": machine_line(), "gate_db": QUALITY_GATE_DB,
-              "prompt": QUALITY_PROMPT, "recipes": {r.name: asdict(r) for r in recipes}, "rows": []}
+              "prompt": QUALITY_PROMPT, "recipes": {r.name: asdict(r) for r in recipes}, "backends": list(backends),
+              "rows": []}
     rows: list[RecipeRow] = []
     bundles: dict[str, ModelBundle] = {}
     for recipe in recipes:
@@ -179,7 +180,7 @@ def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None
             bundles[recipe.model] = load_weights(get_model(recipe.model), weights)
         images: dict[str, Image.Image] = {}
         mine = []
-        for backend in RECIPE_BACKENDS:
+        for backend in backends:
             log(f"{recipe.name} on {backend} ...")
             pipe = recipe_pipeline(bundles[recipe.model], backend, artifacts_root)
             row, image = time_recipe(pipe, recipe, backend, repeat, log)

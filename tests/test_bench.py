@@ -121,3 +121,5 @@ def test_time_to_image_runs_each_recipe_whole_on_sdaot_openvino_and_torch(tmp_pa
 def test_time_to_image_names_an_unknown_recipe(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--recipes", "sd15-euler-20,fastest", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "unknown recipe 'fastest'" in result.output and "sd15-lcm-4" in result.output
+    result = CliRunner().invoke(main, ["bench", "--recipes", "--backends", "sdaot,tensorrt", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown recipe backend 'tensorrt'" in result.output

@@ -200,7 +200,7 @@ class StoppablePipeline:
         self.release = threading.Event()
         self.lost = 0
 
-    def generate(self, plan, progress=None, stop=None):
+    def generate(self, plan, progress=None, stop=None, preview=None):
         if plan.kind == "lost" and self.lost < 2:
             self.lost += 1
             raise WorkerLost("the replica running this request stopped")

@@ -38,8 +38,8 @@ from ..resolution import Resolution
 @click.option("--recipes", is_flag=False, flag_value="all", default=None,
               help="Time to image instead: whole images of each recipe (all, or a comma list of "
                    "sd15-euler-20, sd15-euler-20-deepcache-2/-3/-5, sd15-lcm-4, sd15-lcm-4-tiny-vae, "
-                   "sdxl-turbo-1-tiny-vae) on sdaot (auto, with --artifacts), openvino and torch; --repeat images "
-                   "each after a 2-step warm-up.")
+                   "sdxl-turbo-1-tiny-vae) on sdaot (auto, with --artifacts), openvino and torch (or those "
+                   "--backends names); --repeat images each after a 2-step warm-up.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"),
               show_default=True)
 def bench(model_name: str, weights: str, resolution: str | None, backends: str | None, components: str, steps: int,
@@ -47,7 +47,7 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str |
           recipes: str | None, out_dir: Path) -> None:
     """Time every backend on the same inputs in one process; write JSON, Markdown and a chart."""
     if recipes is not None:
-        bench_recipes(recipes, weights, resolution, artifacts_root, repeat, out_dir)
+        bench_recipes(recipes, weights, resolution, backends, artifacts_root, repeat, out_dir)
         return
     if model_name is None:
         raise InvalidRequestError("name the --model whose networks to time, or ask for --recipes", param="model")
@@ -82,12 +82,12 @@ def bench(model_name: str, weights: str, resolution: str | None, backends: str |
 
 
 
-def bench_recipes(names: str, weights: str, resolution: str | None, artifacts_root: Path | None, repeat: int,
-                  out_dir: Path) -> None:
-    """`--recipes`: whole images of each named recipe on every recipe backend (at `resolution` instead of each
-    recipe's own size, when given)."""
+def bench_recipes(names: str, weights: str, resolution: str | None, backends: str | None,
+                  artifacts_root: Path | None, repeat: int, out_dir: Path) -> None:
+    """`--recipes`: whole images of each named recipe on the recipe backends (all, or those `backends` names;
+    at `resolution` instead of each recipe's own size, when given)."""
     try:
-        from sdaot.benchmarks.recipes import RECIPE_NAMES, RECIPES, recipes_markdown, run_recipes
+        from sdaot.benchmarks.recipes import RECIPE_BACKENDS, RECIPE_NAMES, RECIPES, recipes_markdown, run_recipes
     except ImportError as exc:
         raise SdaotError(f"benchmarking needs the bench extra (pip install 'sdaot[bench]'): {exc}") from exc
     from ..loader import quiet_libraries
@@ -98,9 +98,15 @@ def bench_recipes(names: str, weights: str, resolution: str | None, artifacts_ro
             raise InvalidRequestError(f"unknown recipe {name!r}; choose from all, {', '.join(RECIPE_NAMES)}",
                                       param="recipes")
         chosen.append(RECIPE_NAMES[name])
+    wanted = tuple(b.strip() for b in backends.split(",") if b.strip()) if backends else RECIPE_BACKENDS
+    for backend in wanted:
+        if backend not in RECIPE_BACKENDS:
+            raise InvalidRequestError(f"unknown recipe backend {backend!r}; choose from {', '.join(RECIPE_BACKENDS)}",
+                                      param="backends")
     if resolution:
         chosen = [replace(recipe, size=str(Resolution.parse(resolution))) for recipe in chosen]
     if not chosen or repeat < 1:
         raise InvalidRequestError("name at least one recipe, and --repeat >= 1", param="recipes")
     quiet_libraries()
-    click.echo(recipes_markdown(run_recipes(chosen, weights, artifacts_root, repeat, out_dir, log=click.echo)))
+    click.echo(recipes_markdown(run_recipes(chosen, weights, artifacts_root, repeat, out_dir, log=click.echo,
+                                            backends=wanted)))
