@@ -126,6 +126,7 @@ def _wait_for(client: webuiapi.WebUIApi, ready, timeout_s: float = 60) -> dict:
     raise AssertionError(f"progress never got there: {progress}")
 
 
+@pytest.mark.slow  # a long 256x256 generation, interrupted
 def test_progress_and_interrupt(server):
     client, other = api(server), api(server, OTHER_KEY)
     assert client.get_progress()["state"]["job_count"] == 0
@@ -145,6 +146,7 @@ def test_progress_and_interrupt(server):
     assert client.get_progress()["state"]["job_count"] == 0
 
 
+@pytest.mark.slow  # a long 256x256 generation, interrupted
 def test_progress_shows_a_live_preview(server):
     client = api(server)
     client.set_options({"show_progress_every_n_steps": 1})
