@@ -60,6 +60,19 @@ def wait_until_idle(url):
         time.sleep(0.05)
 
 
+def read_events(url, job_id):
+    """The (name, data) events of a job's stream, read to its end."""
+    events, name = [], None
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=ONE, timeout=300) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
 def finished(job) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
@@ -84,15 +97,7 @@ def test_a_job_reports_progress_and_ends_with_the_synchronous_answer(server):
 
 def test_the_event_stream_has_one_event_per_step_then_the_result(server):
     job = create(server, QUICK | {"steps": 5})
-    events = []
-    with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", headers=ONE, timeout=300) as resp:
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in resp.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
+    events = read_events(server, job["id"])
     assert events[0][0] == "status"
     assert [e["step"] for n, e in events if n == "progress"] == [1, 2, 3, 4, 5]
     assert all(e["steps"] == 5 for n, e in events if n == "progress")
@@ -102,14 +107,7 @@ def test_the_event_stream_has_one_event_per_step_then_the_result(server):
 
 def test_live_previews_come_as_events_every_nth_step_and_in_the_job_state(server):
     job = create(server, QUICK | {"steps": 7, "preview_every": 2})
-    events = []
-    with httpx.stream("GET", f"{server}/v1/jobs/{job['id']}/events", headers=ONE, timeout=300) as resp:
-        name = None
-        for line in resp.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
+    events = read_events(server, job["id"])
     previews = [e for n, e in events if n == "preview"]
     assert [p["step"] for p in previews] == [2, 4, 6] and all(p["steps"] == 7 for p in previews)
     for p in previews:
