@@ -99,15 +99,22 @@ class OnnxRuntimePeer(_GraphPeer):
 class OpenVinoPeer(_GraphPeer):
     """A component under OpenVINO's CPU plugin, at its default precision or held to f32."""
 
-    def __init__(self, path: Path, input_names: list[str], f32: bool) -> None:
+    backend = "openvino"
+
+    def __init__(self, model: Any, input_names: list[str], f32: bool, by_position: bool = False) -> None:
         import openvino as ov
 
-        core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": "f32"} if f32 else {}
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.compiled = ov.Core().compile_model(model, "CPU", config)
         chosen = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = OPENVINO_PRECISIONS.get(chosen, chosen)
         self.request = self.compiled.create_infer_request()
+        if by_position:
+            if len(self.compiled.inputs) != len(input_names):
+                raise RuntimeError(f"OpenVINO model has {len(self.compiled.inputs)} inputs, the component "
+                                   f"{len(input_names)} ({input_names})")
+            super().__init__(input_names, dict(enumerate(input_names)))
+            return
         ports = {}
         for index, port in enumerate(self.compiled.inputs):
             names = port.get_names() & set(input_names)
@@ -116,6 +123,26 @@ class OpenVinoPeer(_GraphPeer):
                                    f"of {input_names}")
             ports[index] = names.pop()
         super().__init__(input_names, ports)
+
+    @classmethod
+    def from_onnx(cls, path: Path, input_names: list[str], f32: bool) -> OpenVinoPeer:
+        """The plain ONNX export, read by OpenVINO's ONNX frontend."""
+        import openvino as ov
+
+        return cls(ov.Core().read_model(str(path)), input_names, f32)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], f32: bool = False) -> OpenVinoPeer:
+        """The torch module converted by OpenVINO's own PyTorch frontend, as optimum-intel (and so FastSD CPU's
+        models) convert it. The converted graph shares torch's weight tensors instead of copying them to a file
+        and back, so a peer of SDXL's 10 GB UNet fits beside torch's weights; the inputs keep the forward's
+        order, not always its names."""
+        import openvino as ov
+
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            model = ov.convert_model(module, example_input=inputs, share_weights=True)
+        return cls(model, list(module.input_names), f32, by_position=True)
 
     def _run(self, feed: dict[Any, Any]) -> list[Any]:
         results = self.request.infer(feed)
@@ -148,4 +175,4 @@ def load_peer(backend: str, module: torch.nn.Module, inputs: tuple[torch.Tensor,
     path, names = exports[id(module)], list(module.input_names)
     if backend == "onnxruntime":
         return OnnxRuntimePeer(path, names)
-    return OpenVinoPeer(path, names, f32=backend == "openvino-f32")
+    return OpenVinoPeer.from_onnx(path, names, f32=backend == "openvino-f32")

@@ -5,8 +5,8 @@ every sampler step and the decoder, through the same pipeline and the same diffu
 Each recipe runs on three backends, one after the other, each in a fresh pipeline that is dropped before the
 next (a compiled UNet holds its own copy of the weights):
 - `sdaot`: the request's `backend: auto`, on the artifacts under --artifacts (torch where none fits);
-- `openvino`: every network the recipe calls is a plain ONNX export run by OpenVINO at its default precision
-  (peers.py), the rest of the pipeline unchanged;
+- `openvino`: every network the recipe calls is converted by OpenVINO's PyTorch frontend and run at OpenVINO's
+  default precision (peers.py), the rest of the pipeline unchanged;
 - `torch`: eager torch, the reference: every other backend's image is held against torch's (PSNR).
 
 A row is the median of `repeat` images after a warm-up image of at most WARMUP_STEPS steps (which builds or
@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from sdaot.runtime.registry import get_model
 from sdaot.runtime.request import parse_request
 from sdaot.runtime.weights import ModelBundle, load_weights
 
-from .peers import load_peer
+from .peers import OpenVinoPeer
 from .report import machine_line
 from .runner import QUALITY_GATE_DB, QUALITY_PROMPT, image_psnr
 
@@ -90,50 +89,35 @@ class RecipeRow:
     ratio_to_fastest_peer: float | None = None
 
 
-class PeerPipeline(Pipeline):
-    """The pipeline with every network the plan calls run by a peer runtime (`openvino`): a plain export of
-    the torch module at the plan's shapes, built on first use and kept for the plan's shapes."""
+class OpenVinoPipeline(Pipeline):
+    """The pipeline with every network the plan calls run by OpenVINO at its default precision: the torch module
+    converted by OpenVINO's PyTorch frontend at the plan's shapes (peers.py), built on first use and kept."""
 
-    def __init__(self, bundle: ModelBundle, peer: str) -> None:
+    def __init__(self, bundle: ModelBundle) -> None:
         super().__init__(bundle)
-        self.peer = peer
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"sdaot-recipe-{peer}-"))
-        self._exports: dict[int, Path] = {}
-        self._built: dict[tuple[str, str, int], PeerComponent] = {}
+        self._built: dict[tuple[str, str, int], OpenVinoPeer] = {}
 
     def components(self, plan: Plan) -> dict[str, Component]:
-        """What torch would run for this plan, each network swapped for its peer build."""
+        """What torch would run for this plan, each network swapped for its OpenVINO build."""
         chosen = super().components(plan)
         modules = {name: c.module for name, c in chosen.items() if isinstance(c, TorchComponent)}
         return {name: self._peer(name, modules, plan) for name in chosen}
 
-    def _peer(self, name: str, modules: dict[str, torch.nn.Module], plan: Plan) -> PeerComponent:
+    def _peer(self, name: str, modules: dict[str, torch.nn.Module], plan: Plan) -> OpenVinoPeer:
         spec = COMPONENTS[name]
         resolution = None if spec.size_free else plan.resolution
         rows = spec.batch.rows(len(plan.seeds), plan.do_cfg)
         key = (name, resolution_key(resolution), rows)
         if key not in self._built:
             inputs = example_inputs(self.bundle, name, resolution, rows, modules)
-            self._built[key] = PeerComponent(self.peer, load_peer(self.peer, modules[name], inputs, self.scratch,
-                                                                  self._exports))
+            self._built[key] = OpenVinoPeer.from_torch(modules[name], inputs)
         return self._built[key]
-
-
-@dataclass
-class PeerComponent:
-    """A peer runtime's build of one network, called as the pipeline calls its components."""
-
-    backend: str
-    run: Callable[..., tuple[torch.Tensor, ...]]
-
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.run(*inputs)
 
 
 def recipe_pipeline(bundle: ModelBundle, backend: str, artifacts_root: Path | None) -> Pipeline:
     """A fresh pipeline for one backend's rows."""
     if backend == "openvino":
-        return PeerPipeline(bundle, "openvino")
+        return OpenVinoPipeline(bundle)
     return Pipeline(bundle, artifacts_root=artifacts_root if backend == "sdaot" else None)
 
 
@@ -165,13 +149,13 @@ def time_recipe(pipe: Pipeline, recipe: Recipe, backend: str, repeat: int,
 
 def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None, repeat: int, out_dir: Path,
                 log: Callable[[str], None] = print, backends: tuple[str, ...] = RECIPE_BACKENDS) -> dict:
-    """Every recipe on every backend; JSON and Markdown into out_dir, written again after each recipe (a run
-    killed part way, say for memory, keeps what it measured)."""
+    """Every recipe on every backend; JSON and Markdown into out_dir, written again after each row (a run killed
+    part way, say for memory, keeps what it measured)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"weights": weights, "repeat": repeat, "machine": machine_line(), "gate_db": QUALITY_GATE_DB,
               "prompt": QUALITY_PROMPT, "recipes": {r.name: asdict(r) for r in recipes}, "backends": list(backends),
               "rows": []}
-    rows: list[RecipeRow] = []
+    done: list[RecipeRow] = []
     bundles: dict[str, ModelBundle] = {}
     for recipe in recipes:
         if recipe.model not in bundles:
@@ -179,7 +163,7 @@ def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None
             gc.collect()
             bundles[recipe.model] = load_weights(get_model(recipe.model), weights)
         images: dict[str, Image.Image] = {}
-        mine = []
+        mine: list[RecipeRow] = []
         for backend in backends:
             log(f"{recipe.name} on {backend} ...")
             pipe = recipe_pipeline(bundles[recipe.model], backend, artifacts_root)
@@ -190,18 +174,22 @@ def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None
                 images[backend] = image
                 image.save(out_dir / f"{recipe.name}-{backend}.png")
             mine.append(row)
-        for row in mine:
-            if row.backend in images and "torch" in images:
-                row.psnr_db = round(min(image_psnr(images[row.backend], images["torch"]), 99.0), 2)
-        peers = [r.seconds_per_image for r in mine if r.backend != "sdaot" and r.seconds_per_image]
-        for row in mine:
-            if row.seconds_per_image and peers:
-                row.ratio_to_fastest_peer = round(min(peers) / row.seconds_per_image, 3)
-        rows.extend(mine)
-        report["rows"] = [asdict(r) for r in rows]
-        (out_dir / f"time-to-image-{weights}.json").write_text(json.dumps(report, indent=2))
-        (out_dir / f"time-to-image-{weights}.md").write_text(recipes_markdown(report))
+            score_recipe(mine, images)
+            report["rows"] = [asdict(r) for r in done + mine]
+            (out_dir / f"time-to-image-{weights}.json").write_text(json.dumps(report, indent=2))
+            (out_dir / f"time-to-image-{weights}.md").write_text(recipes_markdown(report))
+        done.extend(mine)
     return report
+
+
+def score_recipe(rows: list[RecipeRow], images: dict[str, Image.Image]) -> None:
+    """Each row's PSNR against torch's image (once torch has run) and its speed against the fastest peer."""
+    peers = [r.seconds_per_image for r in rows if r.backend != "sdaot" and r.seconds_per_image]
+    for row in rows:
+        if row.backend in images and "torch" in images:
+            row.psnr_db = round(min(image_psnr(images[row.backend], images["torch"]), 99.0), 2)
+        if row.seconds_per_image and peers:
+            row.ratio_to_fastest_peer = round(min(peers) / row.seconds_per_image, 3)
 
 
 def recipes_markdown(report: dict) -> str:
