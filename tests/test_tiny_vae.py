@@ -104,3 +104,11 @@ def test_compiled_tiny_decoder_on_tvm_and_onnxruntime_equals_torch(tmp_path):
     assert outputs["torch"].std() > 0.01
     torch.testing.assert_close(outputs["tvm"], outputs["torch"], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(outputs["onnxruntime"], outputs["torch"], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["SD1.5", "SDXL-turbo"])
+def test_built_in_random_tiny_decoder_spreads_its_image(model):
+    # A decoder that paints every latent near-black hides any backend's error; the built-in one must not.
+    pipe = load_pipeline(model, "tiny")
+    pixels = np.asarray(pipe.generate(request(model)).images[0], dtype=np.float32)
+    assert 60 < pixels.mean() < 200 and pixels.std() > 20, (pixels.mean(), pixels.std())
