@@ -331,3 +331,16 @@ def test_bad_serve_arguments_name_the_argument(args, param, says, monkeypatch):
     with pytest.raises(SdaotError) as err:
         app(args)
     assert err.value.param == param and says in err.value.message
+
+
+def test_every_folder_a_replica_reads_is_made_absolute_where_the_command_was_given(tmp_path, monkeypatch):
+    # Replicas start in Ray's own working folder: a relative folder would name another place there.
+    from sdaot.runtime.serve.ray.deployments import absolute_folders
+    from sdaot.runtime.serve.serving import ServerConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDAOT_TINY_VAE_DIR", "taesd")
+    config = absolute_folders(ServerConfig(models=["SD1.5"], artifacts_root=Path("art"), lora_folder=Path("loras"),
+                                           controlnet_folder=Path("cn")))
+    assert config.artifacts_root == tmp_path / "art" and config.lora_folder == tmp_path / "loras"
+    assert config.controlnet_folder == tmp_path / "cn" and config.tiny_vae_folder == tmp_path / "taesd"

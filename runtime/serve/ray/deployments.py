@@ -45,6 +45,7 @@ from ...lora import lora_dir
 from ...pipeline import GenerationResult, Plan
 from ...planning import Planner
 from ...registry import get_model
+from ...weights import tiny_vae_dir
 from ..generation_queue import GenerationQueue
 from ..protocol import LivePreview
 from ..serving import ServerConfig, load_served_pipeline
@@ -187,22 +188,29 @@ class Ingress:
 def build_app(config: ServerConfig, scaling: Scaling) -> Application:
     """The Serve application: the ingress bound to one deployment per model.
 
-    Folders are made absolute here, where the command was given (the environment variables that default them
-    included). The ingress gets as many generation threads as the models' replicas can hold at full scale,
-    running and waiting: past that it answers 429 itself. Ray's queue for a model (`max_queued_requests`) is
-    longer by the requests its replicas run, because Ray counts a request as queued until a replica takes
-    it: a burst that the replicas can take is not refused. Ray refuses (and the client gets a 429 too) when
-    fewer replicas run than the most, while scaling up or replacing one."""
+    Folders are made absolute here, where the command was given (`absolute_folders`). The ingress gets as many
+    generation threads as the models' replicas can hold at full scale, running and waiting: past that it answers
+    429 itself. Ray's queue for a model (`max_queued_requests`) is longer by the requests its replicas run,
+    because Ray counts a request as queued until a replica takes it: a burst that the replicas can take is not
+    refused. Ray refuses (and the client gets a 429 too) when fewer replicas run than the most, while scaling up
+    or replacing one."""
     scaling.check(config)
-    config = replace(config, artifacts_root=(config.artifacts_root or default_root()).absolute(),
-                     lora_folder=_absolute(lora_dir(config.lora_folder)),
-                     controlnet_folder=_absolute(controlnet_dir(config.controlnet_folder)))
+    config = absolute_folders(config)
     replica_config = replace(config, api_keys=[])
     options = scaling.deployment_options(config)
     models = {name: ModelReplica.options(name=f"model-{name}", **options).bind(name, replica_config)
               for name in config.models}
     threads = len(config.models) * (scaling.most_replicas * config.workers + config.queue_size)
     return Ingress.bind(replace(config, workers=threads, queue_size=0), models)
+
+
+def absolute_folders(config: ServerConfig) -> ServerConfig:
+    """The config with every folder it names (given, or defaulted by an environment variable) made absolute: a
+    replica's working folder is not the driver's."""
+    return replace(config, artifacts_root=(config.artifacts_root or default_root()).absolute(),
+                   lora_folder=_absolute(lora_dir(config.lora_folder)),
+                   controlnet_folder=_absolute(controlnet_dir(config.controlnet_folder)),
+                   tiny_vae_folder=_absolute(tiny_vae_dir(config.tiny_vae_folder)))
 
 
 def _absolute(path: Path | None) -> Path | None:
