@@ -34,7 +34,7 @@ from ..images import encode_image
 from ..pipeline import Cancelled, GenerationResult, Pipeline, Plan
 from ..previews import PreviewSink
 from .admission import Admission
-from .protocol import JobStatus
+from .protocol import JobStatus, LivePreview
 
 log = logging.getLogger("sdaot.queue")
 FINISHED: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
@@ -86,7 +86,8 @@ class Job:
     the decoded input images); `error` is the failure as a client may see it (its details logged);
     `is_job` whether it waits for a busy pipeline and runs once more if its worker is lost (a listed job), or
     fails with 429 or 503 at once (a synchronous request, whose client retries);
-    `preview` is the latest live preview (a WebP file, base64) and `preview_step` the step it shows (0: none yet);
+    `preview` is the latest live preview (its step and WebP image, set as one, so a reader never pairs one
+    preview's step with another's image);
     `version` counts changes (a step, a preview, a new status), which `notify` tells the events streams about."""
 
     id: str
@@ -101,8 +102,7 @@ class Job:
     finished: float | None = None
     step_times: list[float] = field(default_factory=list)
     step_log: list[tuple[int, int, float, float | None]] = field(default_factory=list)
-    preview: str | None = None
-    preview_step: int = 0
+    preview: LivePreview | None = None
     result: GenerationResult | None = None
     answer: Encoded | None = None
     error: SdaotError | None = None
@@ -275,7 +275,7 @@ class GenerationQueue:
                 raise Cancelled()
 
         def preview(step: int, image: Image.Image) -> None:
-            job.preview, job.preview_step = encode_image(image, "webp"), step
+            job.preview = LivePreview(step=step, image=encode_image(image, "webp"))
             job.notify()
 
         try:

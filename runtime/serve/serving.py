@@ -38,7 +38,6 @@ from .protocol import (
     GeneratedImage,
     GenerationResponse,
     JobState,
-    LivePreview,
     OutputFormat,
     error_shape,
 )
@@ -289,7 +288,7 @@ def job_state(server: Server, job: Job) -> JobState:
     if job.status == "running":
         state.eta = job.eta()
     if job.preview is not None and job.status != "succeeded":
-        state.preview = LivePreview(step=job.preview_step, image=job.preview)
+        state.preview = job.preview
     if job.status == "succeeded" and isinstance(job.answer, GenerationResponse):
         state.result = job.answer
     if job.status == "failed" and job.error is not None:

@@ -140,9 +140,10 @@ class ModelReplica:
                 for step, total, _, _ in steps[sent:]:
                     yield step, total
                 sent = len(steps)
-                if job.preview is not None and job.preview_step != previewed:
-                    previewed = job.preview_step
-                    yield LivePreview(step=previewed, image=job.preview)
+                preview = job.preview
+                if preview is not None and preview.step != previewed:
+                    previewed = preview.step
+                    yield preview
                 if finished:
                     break
                 await asyncio.sleep(STEP_POLL_S)

@@ -158,11 +158,12 @@ async def progress(request: Request, server: ServerDep, state: StateDep,
     if run is None:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
     job = run.job
+    preview = None if skip_current_image or job.preview is None else job.preview.image
     return ProgressResponse(
         progress=round(job.step / job.steps, 4) if job.steps else 0.0, eta_relative=job.eta() or 0.0,
         state=ProgressState(interrupted=run.interrupted, job=job.id, job_count=1, sampling_step=job.step,
                             sampling_steps=job.steps),
-        current_image=None if skip_current_image else job.preview, textinfo=f"Step {job.step}/{job.steps}")
+        current_image=preview, textinfo=f"Step {job.step}/{job.steps}")
 
 
 @router.post("/interrupt")

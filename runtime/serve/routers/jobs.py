@@ -87,7 +87,7 @@ async def _events(server: Server, job: Job) -> AsyncIterator[str]:
     """The stream's events; it sleeps until the job changes (a comment line every KEEP_ALIVE_S meanwhile, so
     a client that left is noticed). Starlette ends it when its client disconnects."""
     yield _event("status", job_state(server, job).wire(with_result=False))
-    sent, previewed = 0, job.preview_step
+    sent, previewed = 0, (job.preview.step if job.preview else 0)
     while True:
         seen = job.version
         steps = list(job.step_log)
@@ -95,10 +95,10 @@ async def _events(server: Server, job: Job) -> AsyncIterator[str]:
             yield _event("progress", {"id": job.id, "status": "running", "step": step, "steps": total,
                                       "elapsed": round(elapsed, 3), "eta": eta})
         sent = len(steps)
-        preview, step = job.preview, job.preview_step
-        if preview is not None and step != previewed:
-            previewed = step
-            yield _event("preview", {"id": job.id, "step": step, "steps": job.steps, "image": preview})
+        preview = job.preview
+        if preview is not None and preview.step != previewed:
+            previewed = preview.step
+            yield _event("preview", {"id": job.id, "step": preview.step, "steps": job.steps, "image": preview.image})
         if job.done and sent == len(job.step_log):
             yield _event("result", job_state(server, job).wire())
             return
