@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from sdaot.runtime.artifacts import resolution_key
+from sdaot.runtime.compiled import release_tvm_pool
 from sdaot.runtime.component_table import COMPONENTS, example_inputs
 from sdaot.runtime.components import Component, TorchComponent
 from sdaot.runtime.pipeline import Pipeline
@@ -184,10 +185,11 @@ def run_recipes(recipes: list[Recipe], weights: str, artifacts_root: Path | None
 
 
 def release_memory() -> None:
-    """Collect the dropped pipeline and hand its freed heap back to the system. glibc keeps freed blocks under
-    32 MB (most weight tensors) in its arenas: without the trim, each row's RSS carries the rows before it and
-    SDXL's weights, loaded after SD1.5's rows, find the machine full."""
+    """Collect the dropped pipeline and hand what it held back to the system: TVM's buffer pool, and the freed
+    heap glibc keeps in its arenas (blocks under 32 MB, most weight tensors). Without both, each row's RSS
+    carries the rows before it and SDXL's weights, loaded after SD1.5's rows, find the machine full."""
     gc.collect()
+    release_tvm_pool()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

@@ -127,6 +127,16 @@ class _Chunked:
         raise NotImplementedError
 
 
+def release_tvm_pool() -> None:
+    """Free the buffers TVM's virtual machines keep for reuse. The pool is the process's, shared by every VM and
+    never shrunk: a server reuses it call after call, but a process that drops its compiled networks (the
+    benchmark, between backends) would otherwise keep gigabytes of SD1.5's activations while torch or SDXL
+    needs the memory. Call it only when no VM is running."""
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("vm.builtin.memory_manager.clear")()
+
+
 class TvmComponent(_Chunked):
     """A component run by a TVM Relax VM from an artifact's lib.so."""
 
