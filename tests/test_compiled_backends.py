@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdaot.runtime.artifacts import MANIFEST, file_sha256, list_artifacts
 from sdaot.runtime.cli import main
+from sdaot.runtime.compiled import release_tvm_pool
 from sdaot.runtime.devices import pick_device
 from sdaot.runtime.errors import BackendUnavailableError, InvalidRequestError
 from sdaot.runtime.loader import load_pipeline
@@ -67,6 +68,16 @@ def test_auto_uses_tvm_where_compiled_and_torch_elsewhere(compiled_root):
     assert compiled.backends == {"text_encoder": "tvm", "unet": "tvm", "vae_decoder": "tvm"}
     other = pipe.generate(parse_request(dict(model_name="SD1.5", prompt="x", height=72, width=64, steps=2)))
     assert other.backends["unet"] == "torch" and other.backends["text_encoder"] == "tvm"
+
+
+def test_freeing_tvms_buffer_pool_between_pipelines_leaves_the_next_one_the_same_image(compiled_root):
+    # The benchmark frees the pool after dropping a pipeline; a VM made afterwards must still run, and right.
+    request = parse_request(dict(model_name="SD1.5", prompt="x", height=64, width=64, steps=2, seed=3))
+    first = load_pipeline("SD1.5", "tiny", artifacts_root=compiled_root).generate(request)
+    release_tvm_pool()
+    second = load_pipeline("SD1.5", "tiny", artifacts_root=compiled_root).generate(request)
+    assert second.backends["unet"] == "tvm"
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
 
 
 def test_an_avx2_build_serves_this_machine_and_matches_torch(tmp_path):
